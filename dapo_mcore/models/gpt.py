@@ -1,0 +1,151 @@
+"""Megatron GPT models built from an HF architecture: the policy (LM head) and the value model.
+
+:class:`DapoGPTModel` extends megatron's ``GPTModel`` with two things the DAPO stages need:
+
+* RoPE taken from ``position_ids`` (megatron's GPTModel uses ``0..s-1`` whatever ``position_ids`` say,
+  which breaks packed rows and the shared-prefix layout where an action's positions continue from its
+  state's length);
+* ``forward(..., output="hidden")`` returning the final-norm hidden states ``[b, s, H]`` instead of
+  logits, so the fused log-prob kernel can read them with :meth:`output_weight` and never build
+  ``[tokens, vocab]`` logits.
+
+The value model replaces the LM head with :class:`ValueHead` (``[b, s, 1]`` logits; ``sigmoid`` gives V).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dapo_mcore.models.hf_config import ArchSpec, transformer_config
+
+
+class ValueHead(torch.nn.Module):
+    """Scalar head ``[s, b, H] -> [s, b, 1]`` (logit of V), replicated across TP ranks (HF: ``score``)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, init_std: float = 0.02):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        torch.nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, hidden_states: Tensor, weight: Optional[Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
+
+
+def _layer_spec():
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+            return specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def uses_te_spec() -> bool:
+    """True if models are built with the Transformer Engine layer spec (GPU with TE installed)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class DapoGPTModel(GPTModel):
+        """megatron ``GPTModel`` + RoPE from ``position_ids`` + ``output="hidden"`` (see module doc)."""
+
+        _output_mode = "logits"
+
+        def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
+                    *args, output: str = "logits", **kwargs):
+            if output not in ("logits", "hidden"):
+                raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+            self._output_mode = output
+            self._position_ids = position_ids
+            try:
+                return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+            finally:
+                self._output_mode = "logits"
+                self._position_ids = None
+
+        def _preprocess(self, *args, **kwargs):
+            out = super()._preprocess(*args, **kwargs)
+            pos = getattr(self, "_position_ids", None)
+            if pos is None or self.position_embedding_type != "rope" or out[1] is None:
+                return out
+            # megatron built freqs for positions 0..s-1 ([s, 1, 1, d]); index by the real positions.
+            table = self.rotary_pos_emb(int(pos.max().item()) + 1)
+            emb = table[pos.t().long()]                      # [s, b, 1, 1, d] -> [s, b, 1, d]
+            emb = emb.reshape(pos.shape[1], pos.shape[0], 1, table.shape[-1])
+            return (out[0], emb) + tuple(out[2:])
+
+        def _postprocess(self, hidden_states, *args, **kwargs):
+            if self._output_mode == "hidden" and self.post_process:
+                return hidden_states.transpose(0, 1).contiguous()   # [s, b, H] -> [b, s, H]
+            return super()._postprocess(hidden_states, *args, **kwargs)
+
+        def output_weight(self) -> Tensor:
+            """The (local vocab shard of the) LM-head weight ``[V/tp, H]`` used with ``output="hidden"``."""
+            if self.share_embeddings_and_output_weights:
+                return self.shared_embedding_or_output_weight()
+            return self.output_layer.weight
+
+    return DapoGPTModel
+
+
+def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_process: bool = True,
+                post_process: bool = True, vp_stage: Optional[int] = None, max_sequence_length: Optional[int] = None):
+    """One model chunk on this rank (``pre_process``/``post_process`` = first/last PP stage).
+
+    Args:
+        arch: architecture from :func:`dapo_mcore.models.hf_config.load_arch`.
+        config: a megatron ``TransformerConfig`` (default: :func:`transformer_config` for the current layout).
+        value_head: build the critic (scalar head, never tied to the embeddings).
+    """
+    from megatron.core import parallel_state as ps
+
+    if config is None:
+        config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
+                                    pp=ps.get_pipeline_model_parallel_world_size())
+    cls = _gpt_model_class()
+    model = cls(
+        config=config, transformer_layer_spec=_layer_spec(), vocab_size=arch.vocab_size,
+        max_sequence_length=max_sequence_length or arch.max_position_embeddings,
+        pre_process=pre_process, post_process=post_process, parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
+        position_embedding_type="rope", rotary_percent=1.0, rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )
+    if value_head and post_process:
+        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype, arch.init_std)
+    model.is_value_model = value_head
+    return model
+
+
+def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False) -> list:
+    """All model chunks of this rank (one, or ``vpp`` with interleaved pipelining)."""
+    from megatron.core import parallel_state as ps
+
+    if config is None:
+        config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
+                                    pp=ps.get_pipeline_model_parallel_world_size(),
+                                    vpp=ps.get_virtual_pipeline_model_parallel_world_size())
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_model(arch, config, value_head=value_head, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage())]
+    return [build_model(arch, config, value_head=value_head,
+                        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
+                        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), vp_stage=i)
+            for i in range(vpp)]
