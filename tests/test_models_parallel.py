@@ -112,3 +112,22 @@ def test_checkpoint_resume_identical_losses(tiny_qwen2, torchrun, tmp_path):
     assert set(b) == {"3", "4"}
     assert a["3"] == b["3"] and a["4"] == b["4"]
     assert a["3"] != a["4"]  # training moved
+
+
+def test_value_model_export_import_tp2_pp2(tiny_qwen2, torchrun, tmp_path):
+    """Critic from a policy checkpoint (fresh scalar head) under TP=2 x PP=2: its HF export loads in
+    transformers as ``ForTokenClassification`` with the same per-token logits, and re-importing the
+    export reproduces the values exactly."""
+    from transformers import AutoModelForTokenClassification
+
+    torchrun("foundation_worker.py", 4, "value", 2, 2, tiny_qwen2, tmp_path)
+    a = torch.load(tmp_path / "values.pt")
+    b = torch.load(tmp_path / "values2.pt")
+    assert a["values"].shape == (2, 9)
+    assert torch.equal(a["values"], b["values"])
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForTokenClassification"] and cfg["num_labels"] == 1
+    m = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        ref = m(a["ids"]).logits.squeeze(-1)
+    assert (ref - a["values"]).abs().max().item() <= 1e-5

@@ -24,11 +24,14 @@ from dapo_mcore.models.hf_config import ArchSpec, transformer_config
 class ValueHead(torch.nn.Module):
     """Scalar head ``[s, b, H] -> [s, b, 1]`` (logit of V), replicated across TP ranks (HF: ``score``)."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, init_std: float = 0.02):
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
+                 seed: int = 0):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
+        # A private generator: every TP rank must hold the same replica, whatever RNG the layers consumed.
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(1, hidden_size, generator=g, dtype=torch.float32) * init_std
+        self.weight = torch.nn.Parameter(w.to(dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
-        torch.nn.init.normal_(self.weight, std=init_std)
 
     def forward(self, hidden_states: Tensor, weight: Optional[Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
@@ -104,13 +107,15 @@ def _gpt_model_class():
 
 
 def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_process: bool = True,
-                post_process: bool = True, vp_stage: Optional[int] = None, max_sequence_length: Optional[int] = None):
+                post_process: bool = True, vp_stage: Optional[int] = None, max_sequence_length: Optional[int] = None,
+                value_head_seed: int = 0):
     """One model chunk on this rank (``pre_process``/``post_process`` = first/last PP stage).
 
     Args:
         arch: architecture from :func:`dapo_mcore.models.hf_config.load_arch`.
         config: a megatron ``TransformerConfig`` (default: :func:`transformer_config` for the current layout).
         value_head: build the critic (scalar head, never tied to the embeddings).
+        value_head_seed: seed of the head's fresh init (used when the checkpoint has no ``score``).
     """
     from megatron.core import parallel_state as ps
 
@@ -128,12 +133,12 @@ def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_pr
         vp_stage=vp_stage,
     )
     if value_head and post_process:
-        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype, arch.init_std)
+        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype, arch.init_std, value_head_seed)
     model.is_value_model = value_head
     return model
 
 
-def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False) -> list:
+def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False, value_head_seed: int = 0) -> list:
     """All model chunks of this rank (one, or ``vpp`` with interleaved pipelining)."""
     from megatron.core import parallel_state as ps
 
@@ -144,8 +149,8 @@ def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None:
         return [build_model(arch, config, value_head=value_head, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage())]
-    return [build_model(arch, config, value_head=value_head,
+                            post_process=ps.is_pipeline_last_stage(), value_head_seed=value_head_seed)]
+    return [build_model(arch, config, value_head=value_head, value_head_seed=value_head_seed,
                         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), vp_stage=i)
             for i in range(vpp)]

@@ -3,6 +3,9 @@
 Modes (argv[1]):
   logits    TP PP MODEL OUT            full-vocab logits of a fixed batch -> OUT (torch.save, rank 0)
   roundtrip TP PP MODEL OUT            HF -> megatron(TP, PP) -> HF checkpoint at OUT
+  packing   TP 1  MODEL OUT            block-diagonal and shared-prefix rows vs unpacked runs -> OUT json
+  value     TP PP MODEL OUT            value model from a policy checkpoint -> HF export at OUT/hf, logits at
+                                       OUT/values.pt; then re-imported from OUT/hf -> OUT/values2.pt
   train     TP PP MODEL OUT [--steps N] [--save-at K --ckpt DIR] [--load DIR] [--vpp V]
             LM training steps on fixed synthetic batches; rank 0 writes OUT/losses.json and
             OUT/grads_step1.safetensors (HF-named gradients of the first step run)
@@ -55,14 +58,102 @@ def lm_forward_step(model, batch):
 
 
 def gather_full_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits [..., V/tp] -> [..., V] (differentiable)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+def _token_logp(model, batch: dict, src: list[int], tgt: list[int], row: int = 0) -> torch.Tensor:
+    """log p(tgt | hidden at src) for one row, full vocab (gathered over TP)."""
+    logits = gather_full_logits(model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask")))
+    lp = torch.log_softmax(logits[row].float(), dim=-1)
+    return lp[torch.tensor(src), torch.tensor(tgt)]
+
+
+def packing_check(model, arch) -> dict:
+    """Max abs differences packed vs unpacked: logits (examples, shared prefix) and gradients."""
+    from dapo_mcore.packing import RowBuilder, collate
+
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda n: torch.randint(2, arch.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    res = {}
+    # (a) block-diagonal examples, two rows with padding
+    exs = [rnd(n) for n in (7, 12, 5, 9)]
+    rb1, rb2 = RowBuilder(), RowBuilder()
+    spans = [rb1.add_example(exs[0]), rb1.add_example(exs[1]), rb1.add_example(exs[2]), rb2.add_example(exs[3])]
+    batch = collate([rb1.build(), rb2.build()], pad_id=0)
+    model.eval()
+    with torch.no_grad():
+        packed = gather_full_logits(model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]))
+        diff = 0.0
+        for k, (ex, sp) in enumerate(zip(exs, spans)):
+            row = 0 if k < 3 else 1
+            alone = gather_full_logits(model(torch.tensor([ex]), torch.arange(len(ex))[None], None))[0]
+            diff = max(diff, (packed[row, sp.start:sp.end] - alone).abs().max().item())
+    res["example_logits"] = diff
+    # (b) shared prefix: two states with 3 and 2 actions of different lengths in one row
+    states = [rnd(10), rnd(6)]
+    actions = [[rnd(3), rnd(5), rnd(1)], [rnd(4), rnd(2)]]
+    rb = RowBuilder()
+    groups = [rb.add_state(s, acts) for s, acts in zip(states, actions)]
+    batch = collate([rb.build()], pad_id=0)
+    with torch.no_grad():
+        packed = gather_full_logits(model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]))[0]
+        diff = 0.0
+        for s, acts, grp in zip(states, actions, groups):
+            for a, sp in zip(acts, grp.actions):
+                seq = s + a
+                alone = gather_full_logits(model(torch.tensor([seq]), torch.arange(len(seq))[None], None))[0]
+                diff = max(diff, (packed[sp.start:sp.end] - alone[len(s):]).abs().max().item(),
+                           (packed[grp.state_end - 1] - alone[len(s) - 1]).abs().max().item())
+    res["shared_prefix_logits"] = diff
+    # (c) gradients of the summed action log-probs: packed (gather src/tgt) vs one run per (s, a)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    tot = sum(_token_logp(model, batch, sp.src, sp.tgt).sum() for grp in groups for sp in grp.actions)
+    tot.backward()
+    g_packed = [p.grad.clone() for p in params]
+    model.zero_grad()
+    tot2 = 0.0
+    for s, acts in zip(states, actions):
+        for a in acts:
+            seq = s + a
+            b1 = {"input_ids": torch.tensor([seq]), "position_ids": torch.arange(len(seq))[None]}
+            tot2 = tot2 + _token_logp(model, b1, list(range(len(s) - 1, len(seq) - 1)), a).sum()
+    tot2.backward()
+    res["logp_sum_diff"] = abs(float(tot) - float(tot2))
+    res["grad_rel"] = max(((p.grad - gp).abs().max() / gp.abs().max().clamp_min(1e-12)).item()
+                          for p, gp in zip(params, g_packed))
+    model.zero_grad()
+    return res
+
+
+def pipeline_values(chunks, batches) -> torch.Tensor | None:
+    """Forward-only value logits [b, s] through the pipeline schedule (returned on every rank)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    outs = []
+
+    def step(data_iterator, model):
+        b = next(data_iterator)
+        v = model(b["input_ids"], b["position_ids"], None)
+        return v, lambda o: (o.sum() * 0, {"v": o.squeeze(-1).detach()})
+
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        res = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=chunks[0],
+                                          num_microbatches=len(batches), seq_length=batches[0]["input_ids"].shape[1],
+                                          micro_batch_size=batches[0]["input_ids"].shape[0], forward_only=True)
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    torch.distributed.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    v = torch.cat([r["v"] for r in res]) if res else torch.zeros(0)
+    obj = [v]
+    torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return obj[0]
 
 
 def main() -> None:
@@ -84,7 +175,7 @@ def main() -> None:
                                        virtual_pipeline_model_parallel_size=args.vpp))
     arch = load_arch(args.model)
     cfg = transformer_config(arch, tp=args.tp, pp=args.pp, vpp=args.vpp)
-    chunks = build_model_chunks(arch, cfg)
+    chunks = build_model_chunks(arch, cfg, value_head=args.mode == "value")
     load_hf_weights(chunks, args.model, arch)
     rank = torch.distributed.get_rank()
     out = Path(args.out)
@@ -97,6 +188,19 @@ def main() -> None:
             logits = gather_full_logits(chunks[0](ids, pos, None))
         if rank == 0:
             torch.save({"ids": ids, "logits": logits}, out)
+    elif args.mode == "value":
+        out.mkdir(parents=True, exist_ok=True)
+        ids = torch.randint(0, arch.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+        batch = [{"input_ids": ids, "position_ids": torch.arange(9).expand(2, 9).contiguous()}]
+        torch.save({"ids": ids, "values": pipeline_values(chunks, batch)}, out / "values.pt")
+        save_hf_checkpoint(chunks, out / "hf", arch, source_dir=args.model)
+        chunks2 = build_model_chunks(arch, cfg, value_head=True)
+        load_hf_weights(chunks2, out / "hf", arch, init_value_head=False)
+        torch.save({"values": pipeline_values(chunks2, batch)}, out / "values2.pt")
+    elif args.mode == "packing":
+        result = packing_check(chunks[0], arch)
+        if rank == 0:
+            out.write_text(json.dumps(result))
     elif args.mode == "roundtrip":
         save_hf_checkpoint(chunks, out, arch, source_dir=args.model, max_shard_bytes=200_000)
     elif args.mode == "train":

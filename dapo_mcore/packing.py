@@ -1,0 +1,179 @@
+"""Packed rows without padding waste: block-diagonal examples and shared-prefix state/action groups.
+
+One packed row holds several *documents*. A document is either
+
+* an **example** (critic training): its tokens attend causally to themselves only, positions restart at 0;
+* a **state group** (actor training, ref log-probs, critic scoring): the state's tokens once, then each of
+  its actions; an action attends to the state and causally to itself (never to a sibling action), and its
+  positions continue from the state's length. ``n`` actions of length ``L_a`` on a state of length ``L_s``
+  cost ``L_s + n * L_a`` tokens instead of ``n * (L_s + L_a)``.
+
+The attention rule, for query ``i`` and key ``j`` of one row::
+
+    allowed(i, j) = j <= i  and  doc[i] == doc[j]  and  (part[j] == -1  or  part[j] == part[i])
+
+(``part`` is -1 for example/state tokens, ``k >= 0`` for the k-th action of a state group). On CPU the rule
+becomes a dense boolean mask (megatron local spec, ``True`` = masked); GPU kernels can evaluate it
+blockwise from ``doc``/``part``.
+
+Next-token targets: the log-prob of an action's first token comes from the hidden state of the **last
+state token** (shared by all actions of the state); later tokens from the previous token of the same
+action. :class:`PackedRow` records, per action, the row positions whose hidden states predict each of its
+tokens (``src``) and the token ids predicted (``tgt``), so a log-prob kernel can gather exactly those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class ActionSpan:
+    """Where one action lives in a row: its tokens ``[start, end)``, and its target gather indices."""
+
+    key: object            # caller's id of the action
+    start: int
+    end: int
+    src: list[int]         # row positions whose hidden states predict the action's tokens
+    tgt: list[int]         # the token ids predicted (the action's tokens)
+
+
+@dataclass
+class DocSpan:
+    key: object
+    start: int
+    end: int               # end of the whole document (state + actions)
+    state_end: int         # end of the state (== end for an example)
+    actions: list[ActionSpan] = field(default_factory=list)
+
+
+@dataclass
+class PackedRow:
+    """One packed row: ``input_ids``/``position_ids``/``doc``/``part`` are ``[L]`` int64."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    doc: torch.Tensor
+    part: torch.Tensor
+    docs: list[DocSpan]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+    def attention_mask(self, length: int | None = None) -> torch.Tensor:
+        """``[L, L]`` bool, True = masked (megatron convention); padded to ``length`` (pads see themselves)."""
+        L = len(self)
+        n = length or L
+        doc = torch.full((n,), -2, dtype=torch.long)
+        part = torch.full((n,), -1, dtype=torch.long)
+        doc[:L], part[:L] = self.doc, self.part
+        i = torch.arange(n)
+        causal = i[None, :] <= i[:, None]
+        same_doc = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
+        vis = (part[None, :] == -1) | (part[None, :] == part[:, None])
+        allowed = causal & same_doc & vis
+        allowed |= torch.eye(n, dtype=torch.bool)  # padding tokens attend to themselves (no NaN rows)
+        return ~allowed
+
+
+class RowBuilder:
+    """Builds one :class:`PackedRow` document by document."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.doc: list[int] = []
+        self.part: list[int] = []
+        self.docs: list[DocSpan] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _extend(self, toks: Sequence[int], pos0: int, part: int) -> int:
+        start = len(self.ids)
+        d = len(self.docs)
+        self.ids.extend(int(t) for t in toks)
+        self.pos.extend(range(pos0, pos0 + len(toks)))
+        self.doc.extend([d] * len(toks))
+        self.part.extend([part] * len(toks))
+        return start
+
+    def add_example(self, tokens: Sequence[int], key: object = None) -> DocSpan:
+        """An independent causal sequence (positions from 0)."""
+        if len(tokens) == 0:
+            raise ValueError("empty example")
+        start = self._extend(tokens, 0, -1)
+        span = DocSpan(key, start, len(self.ids), len(self.ids))
+        self.docs.append(span)
+        return span
+
+    def add_state(self, state: Sequence[int], actions: Sequence[Sequence[int]], keys: Sequence[object] | None = None,
+                  key: object = None) -> DocSpan:
+        """A state once, then each action attending to the state and itself (positions continue)."""
+        if len(state) == 0:
+            raise ValueError("empty state")
+        keys = list(keys) if keys is not None else list(range(len(actions)))
+        start = self._extend(state, 0, -1)
+        state_end = len(self.ids)
+        last_state = state_end - 1
+        spans = []
+        for k, (a, akey) in enumerate(zip(actions, keys)):
+            if len(a) == 0:
+                raise ValueError(f"empty action {akey!r}")
+            a_start = self._extend(a, len(state), k)
+            src = [last_state] + list(range(a_start, a_start + len(a) - 1))
+            spans.append(ActionSpan(akey, a_start, a_start + len(a), src, [int(t) for t in a]))
+        span = DocSpan(key, start, len(self.ids), state_end, spans)
+        self.docs.append(span)
+        return span
+
+    def build(self) -> PackedRow:
+        return PackedRow(torch.tensor(self.ids, dtype=torch.long), torch.tensor(self.pos, dtype=torch.long),
+                         torch.tensor(self.doc, dtype=torch.long), torch.tensor(self.part, dtype=torch.long),
+                         self.docs)
+
+
+def collate(rows: Sequence[PackedRow], pad_id: int = 0, length: int | None = None) -> dict:
+    """Stack rows into a micro-batch padded to ``length`` (default: longest row).
+
+    Returns ``input_ids``/``position_ids`` ``[b, L]`` int64, ``attention_mask`` ``[b, 1, L, L]`` bool
+    (True = masked) and ``lengths`` ``[b]``.
+    """
+    L = length or max(len(r) for r in rows)
+    b = len(rows)
+    ids = torch.full((b, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, L), dtype=torch.long)
+    mask = torch.empty((b, 1, L, L), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = len(r)
+        if n > L:
+            raise ValueError(f"row of {n} tokens exceeds length {L}")
+        ids[i, :n], pos[i, :n] = r.input_ids, r.position_ids
+        mask[i, 0] = r.attention_mask(L)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
+            "lengths": torch.tensor([len(r) for r in rows])}
+
+
+def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Bin-pack item indices into bins of at most ``budget`` tokens (first-fit decreasing).
+
+    Deterministic (ties broken by index). An item longer than the budget raises ValueError.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > budget:
+            raise ValueError(f"item {i} has {n} tokens, more than the packing budget {budget}")
+        for b, f in enumerate(free):
+            if n <= f:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(budget - n)
+    return [sorted(b) for b in bins]
