@@ -1,0 +1,171 @@
+"""Stage 2 — mc: Monte Carlo step values. For every deduplicated state of every kept solution,
+sample N completions (paper: 16); MC value = mean verified reward; the first step of each
+completion is a candidate action of the state (no extra sampling). A terminal state's value is
+its solution's verified reward (no completions).
+
+Output (sharded, see :mod:`dapo_mcore.data.shards`): one record per state::
+
+    problem_id, state_id, prompt_ids [int], step_ids [[int]] (exact training tokenisation),
+    num_steps, terminal, value (float), num_completions,
+    completions: [{output_ids [int], reward, finish}],
+    actions: [{ids [int], text, ends_solution, reward (float | None: set iff ends_solution)}],
+    sources: [[solution_index, num_steps]]
+
+Completions are verified on ``decode(state steps) + completion text`` (the whole solution).
+``python -m dapo_mcore.rollout.mc --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dapo_mcore.data.shards import ShardedWriter, chunk, input_identity, iter_records, write_json_summary
+from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
+from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, make_backend, print_summary, progress
+from dapo_mcore.rollout.segment import TokenBytes, first_step
+from dapo_mcore.rollout.states import State, StateStats, build_states
+from dapo_mcore.verify import make_verifier
+
+
+@dataclass
+class MCConfig:
+    model_path: str                   # completer (= pi_ref) HF checkpoint
+    num_completions: int = 16         # N
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    delimiter: str = "\n"
+    verifier: str = "exact"
+    verify_timeout_s: float = 5.0
+    seed: int = 0
+    max_context: int | None = None    # default: the model's max_position_embeddings
+    shard_size: int = 256             # states per shard
+    batch_requests: int = 32          # states sent to the backend at once
+    fmt: str = "parquet"
+    show_progress: bool = True
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        for k in ("batch_requests", "show_progress", "backend"):
+            d.pop(k)
+        d["backend"] = self.backend.identity()
+        return d
+
+
+def collect_states(in_dir: str | Path, token_bytes: TokenBytes, delimiter: str, max_context: int,
+                   stats: StateStats) -> list[tuple[State, str]]:
+    """All states (with their problem's answer) of a finished generate output, in a fixed order."""
+    out = []
+    for rec in iter_records(in_dir):
+        sols = [(s["output_ids"], float(s["reward"])) for s in rec["solutions"]]
+        for st in build_states(rec["problem_id"], list(rec["prompt_ids"]), sols, token_bytes, delimiter,
+                               max_context, stats):
+            out.append((st, rec["answer"]))
+    return out
+
+
+def state_record(st: State, value: float, completions: list[dict], actions: list[dict]) -> dict:
+    return {"problem_id": st.problem_id, "state_id": st.state_id, "prompt_ids": st.prompt_ids,
+            "step_ids": st.step_ids, "num_steps": len(st.step_ids), "terminal": st.terminal,
+            "value": float(value), "num_completions": len(completions), "completions": completions,
+            "actions": actions, "sources": [list(s) for s in st.sources]}
+
+
+def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None, overwrite: bool = False) -> dict:
+    """Run (or resume) the mc stage on a finished generate output ``in_dir``; returns the summary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model_path)
+    tb = TokenBytes(tok)
+    max_ctx = cfg.max_context or int(getattr(AutoConfig.from_pretrained(cfg.model_path), "max_position_embeddings", 4096))
+    sstats = StateStats()
+    states = collect_states(in_dir, tb, cfg.delimiter, max_ctx, sstats)
+    writer = ShardedWriter(out_dir, "mc", {"config": cfg.identity(), "input": input_identity(in_dir)}, cfg.fmt,
+                           overwrite=overwrite)
+    shards = chunk(states, cfg.shard_size)
+    verifier = make_verifier(cfg.verifier, cfg.verify_timeout_s)
+    meter = RolloutMeter()
+    todo = [i for i in range(len(shards)) if not writer.is_done(i)]
+    own_backend = backend is None and bool(todo)
+    if own_backend:
+        backend = make_backend(cfg.backend, cfg.model_path)
+    bar = progress(sum(len(shards[i]) for i in todo), "mc", disable=not cfg.show_progress)
+    try:
+        for si in todo:
+            records = []
+            for batch in chunk(shards[si], cfg.batch_requests):
+                open_ = [(st, ans) for st, ans in batch if not st.terminal]
+                reqs = [GenRequest(st.input_ids, SamplingParams(
+                    max_new_tokens=min(cfg.max_new_tokens, max_ctx - len(st)), temperature=cfg.temperature,
+                    top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_completions,
+                    sampling_seed=seed_from_id(cfg.seed, st.state_id)), rid=st.state_id) for st, _ in open_]
+                results = dict(zip((st.state_id for st, _ in open_), backend.generate(reqs) if reqs else []))
+                for st, ans in batch:
+                    if st.terminal:
+                        records.append(state_record(st, st.reward, [], []))
+                        bar.update(1)
+                        continue
+                    samples = results[st.state_id]
+                    meter.add(samples)
+                    head = tok.decode([t for s in st.step_ids for t in s], skip_special_tokens=True)
+                    comps, acts = [], []
+                    for s in samples:
+                        r = verifier.verify(head + s["text"], ans)
+                        fin = s["meta_info"]["finish_reason"]["type"]
+                        comps.append({"output_ids": list(s["output_ids"]), "reward": r, "finish": fin})
+                        ids, whole = first_step(s["output_ids"], tb, cfg.delimiter)
+                        ends = whole and fin == "stop"
+                        acts.append({"ids": ids, "text": tok.decode(ids, skip_special_tokens=True),
+                                     "ends_solution": ends, "reward": r if ends else None})
+                    value = sum(c["reward"] for c in comps) / len(comps)
+                    records.append(state_record(st, value, comps, acts))
+                    bar.update(1)
+                bar.set_postfix(meter.postfix())
+            writer.write_shard(si, records)
+    finally:
+        bar.close()
+        if own_backend:
+            backend.close()
+    summary = {"stage": "mc", "states": len(states), "terminal_states": sum(st.terminal for st, _ in states),
+               "state_stats": asdict(sstats), "shards": len(shards), "shards_computed": len(todo),
+               "verifier": verifier.stats.as_dict(), "throughput": meter.summary()}
+    writer.finalize(len(shards), summary)
+    write_json_summary(out_dir, "summary.json", summary)
+    if cfg.show_progress:
+        print_summary(summary, out_dir)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dapo_mcore.rollout.generate import add_backend_args, backend_from_args
+
+    ap = argparse.ArgumentParser(description="DAPO stage 2: N completions per state, MC values, candidate actions.")
+    ap.add_argument("--solutions", required=True, help="output directory of the generate stage")
+    ap.add_argument("--model", required=True, help="completer HF checkpoint")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("-N", "--num-completions", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=-1)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--delimiter", default="\n", help="step delimiter (escape sequences like \\n are decoded)")
+    ap.add_argument("--verifier", choices=["exact", "math"], default="exact")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
+    ap.add_argument("--overwrite", action="store_true")
+    add_backend_args(ap)
+    a = ap.parse_args(argv)
+    cfg = MCConfig(model_path=a.model, num_completions=a.num_completions, temperature=a.temperature, top_p=a.top_p,
+                   top_k=a.top_k, max_new_tokens=a.max_new_tokens,
+                   delimiter=a.delimiter.encode().decode("unicode_escape"), verifier=a.verifier, seed=a.seed,
+                   shard_size=a.shard_size, fmt=a.format, backend=backend_from_args(a))
+    print(json.dumps(run_mc(cfg, a.solutions, a.out, overwrite=a.overwrite), indent=1))
+
+
+if __name__ == "__main__":
+    main()

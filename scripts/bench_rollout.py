@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Benchmark: the mc stage (N completions per state) on a tiny model, with and without prefix-KV
+reuse in the embedded engine, in the same run.
+
+Builds a random tiny Qwen2 model (default hidden 256, 4 layers: big enough that prefill costs),
+writes a generate-stage output of long chain-task solutions (every state >= --min-state-tokens),
+runs ``run_mc`` twice (prefix_reuse on / off; same seeds) and prints::
+
+    RESULT mc_samples_per_s_reuse <v> samples/s
+    RESULT mc_samples_per_s_no_reuse <v> samples/s
+    RESULT mc_reuse_speedup <v> x
+    RESULT mc_prompt_cache_fraction <v> fraction     (prompt tokens served from cache, reuse run)
+    RESULT mc_identical_completions <v> fraction     (same tokens in both runs: reuse is exact)
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_rollout.py [--states 32 --n 16 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dapo_mcore.data.shards import ShardedWriter, iter_records  # noqa: E402
+from dapo_mcore.models.tiny import TinyModelConfig, build_tiny_checkpoint  # noqa: E402
+from dapo_mcore.rollout.common import BackendConfig  # noqa: E402
+from dapo_mcore.rollout.mc import MCConfig, run_mc  # noqa: E402
+from dapo_mcore.tasks.chain import make_problems  # noqa: E402
+
+PREAMBLE = "Apply the operations one at a time. Write one line per operation, then the answer line. "
+
+
+def write_solutions(work: Path, tok, n_problems: int, n_ops: int, min_state: int) -> tuple[Path, list[int]]:
+    """A generate-stage output with one correct solution per problem; returns (dir, state lengths)."""
+    probs = make_problems(n_problems, seed=7, n_ops=(n_ops, n_ops))
+    pre = PREAMBLE
+    while len(tok(pre + probs[0].prompt)["input_ids"]) < min_state:
+        pre += PREAMBLE
+    w = ShardedWriter(work / "gen", "generate", {"bench": [n_problems, n_ops, min_state]}, "parquet", overwrite=True)
+    recs, lens = [], []
+    for p in probs:
+        pids = tok(pre + p.prompt)["input_ids"]
+        sol = tok(p.solution())["input_ids"] + [tok.eos_token_id]
+        recs.append({"problem_id": p.id, "prompt": pre + p.prompt, "answer": p.answer, "prompt_ids": pids,
+                     "num_samples": 1, "num_correct": 1, "rewards": [1.0],
+                     "solutions": [{"sample_index": 0, "output_ids": sol, "text": p.solution(), "reward": 1.0,
+                                    "finish": "stop"}]})
+        lens.append(len(pids))
+    w.write_shard(0, recs)
+    w.finalize(1)
+    return work / "gen", lens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=4)
+    ap.add_argument("--ops", type=int, default=6, help="steps per solution (states per problem = ops + 2)")
+    ap.add_argument("--n", type=int, default=16, help="completions per state (N)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--min-state-tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--max-batch-rows", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_rollout_"))
+    texts = [PREAMBLE + p.prompt + p.solution() for p in make_problems(500, seed=1, n_ops=(3, a.ops))]
+    mcfg = TinyModelConfig(hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.75) // 16 * 16,
+                           num_layers=a.layers, num_heads=max(4, a.hidden // 64), num_kv_heads=2,
+                           max_position_embeddings=2048)
+    ckpt = build_tiny_checkpoint(work / "model", texts, mcfg, seed=0)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    gen, prompt_lens = write_solutions(work, tok, a.problems, a.ops, a.min_state_tokens)
+    out = {}
+    for reuse in (True, False):
+        cfg = MCConfig(str(ckpt), num_completions=a.n, max_new_tokens=a.max_new_tokens, shard_size=10_000,
+                       batch_requests=max(1, a.max_batch_rows // a.n), show_progress=False,
+                       backend=BackendConfig("embedded", prefix_reuse=reuse, max_batch_rows=a.max_batch_rows))
+        t0 = time.perf_counter()
+        s = run_mc(cfg, gen, work / f"mc_{'reuse' if reuse else 'plain'}", overwrite=True)
+        wall = time.perf_counter() - t0
+        out[reuse] = (s, wall, list(iter_records(work / f"mc_{'reuse' if reuse else 'plain'}")))
+        th = s["throughput"]
+        print(f"prefix_reuse={reuse}: {th['samples']} samples, {s['states'] - s['terminal_states']} states, "
+              f"{th['seconds']:.1f} s, {th['samples_per_s']:.1f} samples/s, {th['tokens_per_s']:.0f} tok/s, "
+              f"cache {th['cache_hit_rate']:.1%} (stage wall {wall:.1f} s)", flush=True)
+    same = total = 0
+    for ra, rb in zip(out[True][2], out[False][2]):
+        for ca, cb in zip(ra["completions"], rb["completions"]):
+            total += 1
+            same += ca["output_ids"] == cb["output_ids"]
+    state_lens = [len(r["prompt_ids"]) + sum(len(x) for x in r["step_ids"]) for r in out[True][2] if not r["terminal"]]
+    print(json.dumps({"min_state_tokens": min(state_lens), "mean_state_tokens": sum(state_lens) / len(state_lens),
+                      "model": mcfg.__dict__, "N": a.n, "threads": a.threads}))
+    r1 = out[True][0]["throughput"]["samples_per_s"]
+    r0 = out[False][0]["throughput"]["samples_per_s"]
+    print(f"RESULT mc_samples_per_s_reuse {r1:.2f} samples/s")
+    print(f"RESULT mc_samples_per_s_no_reuse {r0:.2f} samples/s")
+    print(f"RESULT mc_reuse_speedup {r1 / r0:.2f} x")
+    print(f"RESULT mc_prompt_cache_fraction {out[True][0]['throughput']['cache_hit_rate']:.4f} fraction")
+    print(f"RESULT mc_identical_completions {same / max(total, 1):.4f} fraction")
+
+
+if __name__ == "__main__":
+    main()
