@@ -35,14 +35,16 @@ def tiny_llama_tied(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), _chain_texts(), cfg, seed=1)
 
 
-def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600, nnodes: int = 1) -> str:
-    """Run ``tests/dist/<script>`` under ``torchrun --standalone`` on gloo; return its output.
+def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 900) -> str:
+    """Run ``tests/dist/<script>`` (or, for a dotted name like ``dapo_mcore.critic.train``, that module)
+    under ``torchrun --standalone`` on gloo; return its output.
 
     Raises AssertionError with the tail of the output if any rank fails.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    target = [str(DIST_DIR / script)] if script.endswith(".py") else ["-m", script]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(DIST_DIR / script), *map(str, args)]
+           *target, *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -53,3 +55,14 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600, nnodes
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+@pytest.fixture(scope="session")
+def synthetic_mc(tmp_path_factory, tiny_qwen2) -> Path:
+    """A synthetic mc-stage output (real record schema) for the tiny tokenizer: 48 problems."""
+    from transformers import AutoTokenizer
+
+    from dapo_mcore.tasks.synthetic_mc import build_synthetic_mc
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen2))
+    return build_synthetic_mc(tmp_path_factory.mktemp("mc"), tok, n_problems=48, seed=0)

@@ -93,32 +93,13 @@ class MegatronTrainer:
         self.config = cfg
         self.step = 0
 
-    # ------------------------------------------------------------------------------------------- running
-    def _run(self, microbatches: Sequence[dict], forward_step: ForwardStep, forward_only: bool):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        if not microbatches:
-            raise ValueError("no micro-batches to run")
-        seq = max(int(mb["input_ids"].shape[1]) for mb in microbatches)
-        mbs = int(microbatches[0]["input_ids"].shape[0])
-
-        def megatron_step(data_iterator, model):
-            return forward_step(model, next(data_iterator))
-
-        iters: Any = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
-        return get_forward_backward_func()(
-            forward_step_func=megatron_step, data_iterator=iters,
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=mbs,
-            forward_only=forward_only)
-
     def train_step(self, microbatches: Sequence[dict], forward_step: ForwardStep) -> StepResult:
         """One optimizer step over ``microbatches`` (this DP rank's share of the global batch)."""
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outs = self._run(microbatches, forward_step, forward_only=False)
+        outs = forward_backward(self.chunks, microbatches, forward_step, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} skipped: non-finite gradients")
@@ -135,9 +116,10 @@ class MegatronTrainer:
         """Run ``forward_step`` without gradients; returns the loss_fn sums over all micro-batches/DP."""
         for c in self.chunks:
             c.eval()
-        return self._reduce(self._run(microbatches, forward_step, forward_only=True))
+        return self._reduce(forward_backward(self.chunks, microbatches, forward_step, forward_only=True))
 
-    def _reduce(self, outs: list) -> dict:
+    @staticmethod
+    def _reduce(outs: list) -> dict:
         """Sum the loss_fn logs over micro-batches (last PP stage), then broadcast/all-reduce them."""
         from megatron.core import parallel_state as ps
 
@@ -155,6 +137,45 @@ class MegatronTrainer:
                                     group=ps.get_pipeline_model_parallel_group())
         torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
         return dict(zip(keys, t.tolist()))
+
+
+def forward_backward(chunks: list, microbatches: Sequence[dict], forward_step: ForwardStep, forward_only: bool) -> list:
+    """Run megatron's schedule (no pipelining / 1F1B / interleaved) over ``microbatches``.
+
+    Returns the loss_fn logs of each micro-batch on the last pipeline stage (empty list elsewhere).
+    Every rank of a pipeline must pass the same number of micro-batches.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        raise ValueError("no micro-batches to run")
+    seq = max(int(mb["input_ids"].shape[1]) for mb in microbatches)
+    mbs = int(microbatches[0]["input_ids"].shape[0])
+
+    def megatron_step(data_iterator, model):
+        return forward_step(model, next(data_iterator))
+
+    iters: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    return get_forward_backward_func()(
+        forward_step_func=megatron_step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
+
+
+@torch.no_grad()
+def forward_collect(chunks: list, microbatches: Sequence[dict], forward_step: ForwardStep) -> list[dict]:
+    """Forward-only pass returning each micro-batch's loss_fn logs (tensors) on every rank of its pipeline.
+
+    For inference-style outputs (critic values, log-probs): the loss_fn puts them in its logs dict.
+    """
+    from megatron.core import parallel_state as ps
+
+    for c in chunks:
+        c.eval()
+    outs = forward_backward(chunks, microbatches, forward_step, forward_only=True)
+    obj = [[{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in o.items()} for o in outs]]
+    torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return obj[0]
 
 
 def make_loss_fn(compute: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]):

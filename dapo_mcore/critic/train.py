@@ -1,0 +1,239 @@
+"""Stage 3 — critic: train V_phi (transformer + scalar head + sigmoid) with BCE on soft MC targets.
+
+Runs on every rank (``torchrun`` or a single process): ``python -m dapo_mcore.critic.train --help``.
+Outputs in ``out_dir``: ``checkpoints/`` (megatron dist checkpoints, resumable), ``hf/`` (the value model
+as an HF ``ForTokenClassification`` checkpoint), ``calibration.png``, ``tb/`` (TensorBoard),
+``metrics.jsonl`` (one line per step) and ``summary.json`` (written last: the stage is finished).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dapo_mcore.critic.data import (CriticExample, completion_examples, pack_examples, read_mc, solution_examples,
+                                    split_by_problem, step_batches, truncate)
+from dapo_mcore.critic.metrics import calibration_plot, critic_metrics
+from dapo_mcore.critic.score import dp_share, values_by_example
+from dapo_mcore.parallel.runtime import ParallelConfig
+
+
+@dataclass
+class CriticConfig:
+    """Paper defaults: 1 epoch, lr 5e-6, global batch 512 examples."""
+
+    init_path: str = ""               # HF checkpoint (policy or value model) to start from
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta2: float = 0.95
+    epochs: int = 1
+    global_batch: int = 512           # examples per optimizer step
+    token_budget: int = 4096          # tokens per packed row (one micro-batch)
+    max_length: Optional[int] = None  # default: the model's max_position_embeddings
+    use_completions: bool = False     # also train on MC completions with their single-sample outcome
+    heldout_fraction: float = 0.1     # of problems
+    seed: int = 0
+    save_interval: int = 0            # steps between checkpoints (0: only at the end / on interrupt)
+    max_steps: int = 0                # stop after this many steps in this invocation (checkpoint; resumable)
+    show_progress: bool = True
+    tensorboard: bool = True
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def value_forward_step(model, batch: dict):
+    """Value logits at the labelled positions; loss = BCE-with-logits sum, count = #labels."""
+    from dapo_mcore.training.trainer import make_loss_fn
+
+    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+
+    def compute(o):
+        logit = o.float().reshape(-1)[batch["label_index"]]
+        tgt = batch["targets"]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, tgt, reduction="sum")
+        p = torch.sigmoid(logit.detach())
+        return loss, int(tgt.numel()), {"sq_err": ((p - tgt) ** 2).sum()}
+
+    return out, make_loss_fn(compute)
+
+
+def predict(chunks: list, examples: list[CriticExample], token_budget: int, pad_id: int) -> list[float]:
+    """V at every label of ``examples`` (in order), through the pipeline; the same list on every rank."""
+    if not examples:
+        return []
+    vals = values_by_example(chunks, pack_examples(examples, token_budget, pad_id),
+                             [len(e.label_pos) for e in examples], pad_id)
+    return [v for per in vals for v in per]
+
+
+def _build_examples(cfg: CriticConfig, mc_dir: str | Path, tok, max_len: int) -> tuple[list, list, dict]:
+    records = read_mc(mc_dir)
+    exs = solution_examples(records)
+    n_sol = len(exs)
+    if cfg.use_completions:
+        delim_ids = tok.encode("\n", add_special_tokens=False)
+        exs += completion_examples(records, delim_ids, tok.eos_token_id)
+    kept = [e for e in (truncate(e, max_len) for e in exs) if e is not None]
+    train, val = split_by_problem(kept, cfg.heldout_fraction, cfg.seed)
+    val = [e for e in val if e.kind == "solution"]   # evaluate on MC-labelled states only
+    counts = {"mc_states": len(records), "solution_examples": n_sol, "completion_examples": len(exs) - n_sol,
+              "dropped_too_long": len(exs) - len(kept), "train_examples": len(train), "val_examples": len(val),
+              "train_labels": sum(len(e.targets) for e in train), "val_labels": sum(len(e.targets) for e in val)}
+    return train, val, counts
+
+
+def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path) -> dict:
+    """Train (or resume) the critic on a finished ``mc`` output; returns the summary (every rank)."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from dapo_mcore.models.convert import load_hf_weights, save_hf_checkpoint
+    from dapo_mcore.models.gpt import build_model_chunks
+    from dapo_mcore.models.hf_config import load_arch, transformer_config
+    from dapo_mcore.parallel.runtime import initialize_parallel
+    from dapo_mcore.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+
+    if not cfg.init_path:
+        raise ValueError("critic.init_path is required (an HF checkpoint to initialise the critic from)")
+    out = Path(out_dir)
+    t0 = time.time()
+    initialize_parallel(cfg.parallel)
+    rank0 = dist.get_rank() == 0
+    arch = load_arch(cfg.init_path)
+    tok = AutoTokenizer.from_pretrained(cfg.init_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    max_len = min(cfg.max_length or arch.max_position_embeddings, cfg.token_budget)
+    train, val, counts = _build_examples(cfg, mc_dir, tok, max_len)
+    if not train:
+        raise ValueError(f"{mc_dir}: no training examples for the critic (all problems held out or no states)")
+    train_mean = sum(t for e in train for t in e.targets) / max(1, sum(len(e.targets) for e in train))
+
+    p = cfg.parallel
+    tcfg = transformer_config(arch, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                              vpp=p.virtual_pipeline_model_parallel_size)
+    chunks = build_model_chunks(arch, tcfg, value_head=True, value_head_seed=cfg.seed)
+    load_hf_weights(chunks, cfg.init_path, arch)
+    steps = step_batches(train, cfg.global_batch, cfg.epochs, cfg.seed)
+    trainer = MegatronTrainer(chunks, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                                  clip_grad=cfg.clip_grad, warmup_steps=cfg.warmup_steps,
+                                                  decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2),
+                              total_steps=len(steps))
+    ckpt_dir = out / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        load_checkpoint(trainer, latest)
+    out.mkdir(parents=True, exist_ok=True)
+    tb = None
+    if rank0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+    interrupted = {"flag": False}
+    old = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True)) if rank0 else None
+    bar = None
+    if rank0 and cfg.show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(steps), initial=trainer.step, desc="critic", unit="step", mininterval=1.0)
+    start = trainer.step
+    mpath = out / "metrics.jsonl"
+    if rank0 and mpath.exists():  # drop lines of steps after the checkpoint we resumed from
+        keep = [ln for ln in mpath.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+        mpath.write_text("".join(ln + "\n" for ln in keep))
+    mlog = open(mpath, "a") if rank0 else None
+    try:
+        while trainer.step < len(steps):
+            if cfg.max_steps and trainer.step - start >= cfg.max_steps:
+                save_checkpoint(trainer, ckpt_dir, extra={"stage": "critic"})
+                return {"stage": "train-critic", "partial": True, "steps": trainer.step, "total_steps": len(steps)}
+            exs = [train[i] for i in steps[trainer.step]]
+            mbs = dp_share(pack_examples(exs, cfg.token_budget, pad_id), pad_id)
+            res = trainer.train_step(mbs, value_forward_step)
+            rec = {"step": trainer.step, "loss": res.loss, "brier": res.logs.get("sq_err", float("nan")),
+                   "grad_norm": res.grad_norm, "lr": res.lr, "labels": res.count}
+            if rank0:
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                if tb:
+                    for k in ("loss", "brier", "grad_norm", "lr"):
+                        tb.add_scalar(f"critic/{k}", rec[k], trainer.step)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{res.loss:.4f}", brier=f"{rec['brier']:.4f}")
+            flag = torch.tensor([1 if interrupted["flag"] else 0])
+            dist.all_reduce(flag)
+            if flag.item() or (cfg.save_interval and trainer.step % cfg.save_interval == 0):
+                save_checkpoint(trainer, ckpt_dir, extra={"stage": "critic"})
+            if flag.item():
+                raise KeyboardInterrupt(f"critic training interrupted at step {trainer.step}; checkpoint saved")
+    finally:
+        if mlog:
+            mlog.close()
+        if bar:
+            bar.close()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    if latest_checkpoint(ckpt_dir) is None or json.loads((ckpt_dir / "latest.json").read_text())["step"] != trainer.step:
+        save_checkpoint(trainer, ckpt_dir, extra={"stage": "critic"})
+
+    preds = predict(trainer.chunks, val, cfg.token_budget, pad_id)
+    targets = [t for e in val for t in e.targets]
+    metrics = critic_metrics(preds, targets, train_mean)
+    train_preds = predict(trainer.chunks, train[:2000], cfg.token_budget, pad_id)
+    train_metrics = critic_metrics(train_preds, [t for e in train[:2000] for t in e.targets], train_mean)
+    save_hf_checkpoint(trainer.chunks, out / "hf", arch, source_dir=cfg.init_path)
+    summary = {"stage": "train-critic", "counts": counts, "steps": trainer.step, "train_mean_target": train_mean,
+               "heldout": metrics, "train": train_metrics, "seconds": time.time() - t0,
+               "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    if rank0:
+        if preds:
+            calibration_plot(preds, targets, out / "calibration.png", title="held-out critic")
+        if tb:
+            for k, v in metrics.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    tb.add_scalar(f"critic_heldout/{k}", v, trainer.step)
+            tb.close()
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out / "summary.json")
+        print(f"[critic] held-out Brier {metrics['brier']:.4f} vs constant {metrics['brier_baseline']:.4f}, "
+              f"Pearson r {metrics['pearson']:.3f}, ECE {metrics['ece']:.3f} ({metrics['n']} labels)")
+    dist.barrier()
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="DAPO stage 3: train the critic V(s) on MC values (megatron).")
+    ap.add_argument("--mc", required=True, help="output directory of the mc stage")
+    ap.add_argument("--init", required=True, help="HF checkpoint to initialise the critic from")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--global-batch", type=int, default=512)
+    ap.add_argument("--token-budget", type=int, default=4096)
+    ap.add_argument("--use-completions", action="store_true")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
+    a = ap.parse_args(argv)
+    cfg = CriticConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch,
+                       token_budget=a.token_budget, use_completions=a.use_completions, seed=a.seed,
+                       max_steps=a.max_steps,
+                       parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
+    run_train_critic(cfg, a.mc, a.out)
+
+
+if __name__ == "__main__":
+    main()
