@@ -177,3 +177,26 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]
             bins.append([i])
             free.append(budget - n)
     return [sorted(b) for b in bins]
+
+
+def empty_batch(pad_id: int) -> dict:
+    """A one-token row carrying no labels and no actions: evens out micro-batch counts across
+    data-parallel ranks (it contributes nothing to any loss or output)."""
+    rb = RowBuilder()
+    rb.add_example([pad_id])
+    batch = collate([rb.build()], pad_id=pad_id)
+    z = torch.zeros(0, dtype=torch.long)
+    batch.update(label_index=z, targets=torch.zeros(0), example_index=[],
+                 src=z, tgt=z, seg=z, action_keys=[], advantages=torch.zeros(0), ref_logp=torch.zeros(0))
+    return batch
+
+
+def dp_share(mbs: Sequence[dict], pad_id: int) -> list[dict]:
+    """This data-parallel rank's micro-batches (round robin: global index ``i * dp + rank``), padded with
+    :func:`empty_batch` so every DP rank runs the same number of micro-batches."""
+    from megatron.core import parallel_state as ps
+
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = max(1, -(-len(mbs) // dp))
+    mine = list(mbs[r::dp])
+    return mine + [empty_batch(pad_id) for _ in range(per - len(mine))]

@@ -123,7 +123,6 @@ def test_shared_prefix_scoring_equals_alone(tp, tiny_qwen2, torchrun, tmp_path):
 @pytest.mark.dist
 def test_stage_resume_equals_uninterrupted(tiny_qwen2, synthetic_mc, torchrun, tmp_path):
     """Stop after 2 of 5 steps, resume: same per-step losses and bit-identical exported critic."""
-    from safetensors.torch import load_file
 
     common = ["--lr", "1e-3", "--epochs", "1", "--global-batch", "16", "--token-budget", "256"]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dapo_mcore.packing import RowBuilder, collate, first_fit_decreasing
 

@@ -58,47 +58,17 @@ def value_collect_step(model, batch: dict):
     return out, loss_fn
 
 
-def dummy_microbatch(pad_id: int) -> dict:
-    """A one-token row with no labels (evens out micro-batch counts across data-parallel ranks)."""
-    rb = RowBuilder()
-    rb.add_example([pad_id])
-    batch = collate([rb.build()], pad_id=pad_id)
-    batch["label_index"] = torch.zeros(0, dtype=torch.long)
-    batch["targets"] = torch.zeros(0, dtype=torch.float32)
-    batch["example_index"] = []
-    return batch
-
-
-def dp_share(mbs: list[dict], pad_id: int) -> list[dict]:
-    """This DP rank's micro-batches (round robin: global index ``i * dp + rank``), padded with label-free
-    one-token rows so every DP rank runs the same number of micro-batches."""
-    from megatron.core import parallel_state as ps
-
-    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per = max(1, -(-len(mbs) // dp))
-    mine = list(mbs[r::dp])
-    return mine + [dummy_microbatch(pad_id) for _ in range(per - len(mine))]
-
-
 def values_by_example(chunks: list, mbs: list[dict], sizes: Sequence[int], pad_id: int) -> list[list[float]]:
     """Run ``mbs`` forward-only over DP x PP; return, per example (``example_index``), its values in
     label order (``sizes[i]`` labels for example i). The same on every rank."""
-    from megatron.core import parallel_state as ps
+    from dapo_mcore.training.trainer import collect_per_microbatch
 
-    from dapo_mcore.training.trainer import forward_collect
-
-    outs = forward_collect(chunks, dp_share(mbs, pad_id), value_collect_step)
-    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    local = {(i * dp + r): o["values"].tolist() for i, o in enumerate(outs) if i * dp + r < len(mbs)}
-    parts: list = [None] * dp
-    torch.distributed.all_gather_object(parts, local, group=ps.get_data_parallel_group())
     res: dict[int, list[float]] = {}
-    for part in parts:
-        for mi, vals in part.items():
-            k = 0
-            for i in mbs[mi]["example_index"]:
-                res[i] = vals[k:k + sizes[i]]
-                k += sizes[i]
+    for mb, vals in zip(mbs, collect_per_microbatch(chunks, mbs, value_collect_step, "values", pad_id)):
+        k = 0
+        for i in mb["example_index"]:
+            res[i] = vals[k:k + sizes[i]]
+            k += sizes[i]
     return [res[i] for i in range(len(sizes))]
 
 

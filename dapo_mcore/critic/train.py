@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +19,8 @@ import torch
 from dapo_mcore.critic.data import (CriticExample, completion_examples, pack_examples, read_mc, solution_examples,
                                     split_by_problem, step_batches, truncate)
 from dapo_mcore.critic.metrics import calibration_plot, critic_metrics
-from dapo_mcore.critic.score import dp_share, values_by_example
+from dapo_mcore.critic.score import values_by_example
+from dapo_mcore.packing import dp_share
 from dapo_mcore.parallel.runtime import ParallelConfig
 
 
@@ -101,7 +100,7 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     from dapo_mcore.models.gpt import build_model_chunks
     from dapo_mcore.models.hf_config import load_arch, transformer_config
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from dapo_mcore.training.loop import LoopConfig, resume, run_loop, tensorboard_scalars
     from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
 
     if not cfg.init_path:
@@ -129,63 +128,16 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
                                                   clip_grad=cfg.clip_grad, warmup_steps=cfg.warmup_steps,
                                                   decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2),
                               total_steps=len(steps))
-    ckpt_dir = out / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        load_checkpoint(trainer, latest)
-    out.mkdir(parents=True, exist_ok=True)
-    tb = None
-    if rank0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(out / "tb"))
-    interrupted = {"flag": False}
-    old = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True)) if rank0 else None
-    bar = None
-    if rank0 and cfg.show_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(steps), initial=trainer.step, desc="critic", unit="step", mininterval=1.0)
-    start = trainer.step
-    mpath = out / "metrics.jsonl"
-    if rank0 and mpath.exists():  # drop lines of steps after the checkpoint we resumed from
-        keep = [ln for ln in mpath.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-        mpath.write_text("".join(ln + "\n" for ln in keep))
-    mlog = open(mpath, "a") if rank0 else None
-    try:
-        while trainer.step < len(steps):
-            if cfg.max_steps and trainer.step - start >= cfg.max_steps:
-                save_checkpoint(trainer, ckpt_dir, extra={"stage": "critic"})
-                return {"stage": "train-critic", "partial": True, "steps": trainer.step, "total_steps": len(steps)}
-            exs = [train[i] for i in steps[trainer.step]]
-            mbs = dp_share(pack_examples(exs, cfg.token_budget, pad_id), pad_id)
-            res = trainer.train_step(mbs, value_forward_step)
-            rec = {"step": trainer.step, "loss": res.loss, "brier": res.logs.get("sq_err", float("nan")),
-                   "grad_norm": res.grad_norm, "lr": res.lr, "labels": res.count}
-            if rank0:
-                mlog.write(json.dumps(rec) + "\n")
-                mlog.flush()
-                if tb:
-                    for k in ("loss", "brier", "grad_norm", "lr"):
-                        tb.add_scalar(f"critic/{k}", rec[k], trainer.step)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{res.loss:.4f}", brier=f"{rec['brier']:.4f}")
-            flag = torch.tensor([1 if interrupted["flag"] else 0])
-            dist.all_reduce(flag)
-            if flag.item() or (cfg.save_interval and trainer.step % cfg.save_interval == 0):
-                save_checkpoint(trainer, ckpt_dir, extra={"stage": "critic"})
-            if flag.item():
-                raise KeyboardInterrupt(f"critic training interrupted at step {trainer.step}; checkpoint saved")
-    finally:
-        if mlog:
-            mlog.close()
-        if bar:
-            bar.close()
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
-    if latest_checkpoint(ckpt_dir) is None or json.loads((ckpt_dir / "latest.json").read_text())["step"] != trainer.step:
-        save_checkpoint(trainer, ckpt_dir, extra={"stage": "critic"})
+    resume(trainer, out / "checkpoints")
+    loop = LoopConfig("critic", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
+    finished = run_loop(
+        trainer, loop, out,
+        lambda i: dp_share(pack_examples([train[j] for j in steps[i]], cfg.token_budget, pad_id), pad_id),
+        value_forward_step,
+        lambda r: {"loss": r.loss, "brier": r.logs.get("sq_err", float("nan")), "grad_norm": r.grad_norm,
+                   "lr": r.lr, "labels": r.count})
+    if not finished:
+        return {"stage": "train-critic", "partial": True, "steps": trainer.step, "total_steps": len(steps)}
 
     preds = predict(trainer.chunks, val, cfg.token_budget, pad_id)
     targets = [t for e in val for t in e.targets]
@@ -196,14 +148,11 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     summary = {"stage": "train-critic", "counts": counts, "steps": trainer.step, "train_mean_target": train_mean,
                "heldout": metrics, "train": train_metrics, "seconds": time.time() - t0,
                "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    if cfg.tensorboard:
+        tensorboard_scalars(out, "critic_heldout", metrics, trainer.step)
     if rank0:
         if preds:
             calibration_plot(preds, targets, out / "calibration.png", title="held-out critic")
-        if tb:
-            for k, v in metrics.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    tb.add_scalar(f"critic_heldout/{k}", v, trainer.step)
-            tb.close()
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(out / "summary.json")

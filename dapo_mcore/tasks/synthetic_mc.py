@@ -3,7 +3,9 @@
 Used by tests and benchmarks of the critic/advantage/actor stages in isolation. A solution may contain
 dropped-carry errors; the "MC value" of a prefix is ``p_ok ** remaining_steps`` while every step so far
 is correct and ``p_bad`` after the first wrong step, so correctness is learnable from local evidence.
-Each state also gets candidate actions (a correct and a wrong next line) and completions.
+Each non-terminal state gets ``completions_per_state`` completions alternating between one that starts
+with the correct next line and one that starts with a wrong one; their first lines are the state's
+candidate actions (as in the real ``mc`` stage).
 """
 from __future__ import annotations
 
@@ -52,16 +54,17 @@ def build_synthetic_mc(out_dir: str | Path, tokenizer, n_problems: int = 64, see
                     value = p_ok ** (len(steps) - k) if correct_so_far else p_bad
                 good, _ = _lines(p.start, p.ops, None)
                 bad, _ = _lines(p.start, p.ops, k if k < len(p.ops) else None)
-                actions = []
+                actions, comps = [], []
                 if not terminal:
-                    for text, is_ok in ((good[k], True), (bad[k], k >= len(p.ops))):
-                        ids = enc(text + (DELIMITER if k < len(p.ops) else ""))
-                        ends = k == len(p.ops)
-                        actions.append({"ids": ids, "text": text, "ends_solution": ends,
-                                        "reward": (1.0 if is_ok and correct_so_far else 0.0) if ends else None})
-                comps = [] if terminal else [
-                    {"output_ids": enc(DELIMITER.join(good[k:])), "reward": float(correct_so_far), "finish": "stop"}
-                    for _ in range(completions_per_state)]
+                    ends = k == len(p.ops)
+                    sep = "" if ends else DELIMITER
+                    for i in range(completions_per_state):
+                        # completion i starts with the correct next line when i is even, a wrong one otherwise
+                        lines = good[k:] if i % 2 == 0 or ends else [bad[k]] + good[k + 1:]
+                        reward = float(correct_so_far and (i % 2 == 0 or ends))
+                        comps.append({"output_ids": enc(DELIMITER.join(lines)), "reward": reward, "finish": "stop"})
+                        actions.append({"ids": enc(lines[0] + sep), "text": lines[0], "ends_solution": ends,
+                                        "reward": reward if ends else None})
                 records.append({
                     "problem_id": p.id, "state_id": f"{p.id}/s{sol}k{k}", "prompt_ids": prompt_ids,
                     "step_ids": steps[:k], "num_steps": k, "terminal": terminal, "value": float(value),

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from dapo_mcore.training.trainer import MegatronTrainer

@@ -12,7 +12,7 @@ critic, per action for the actor) however the micro-batches are sized.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -176,6 +176,26 @@ def forward_collect(chunks: list, microbatches: Sequence[dict], forward_step: Fo
     torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
                                             group=ps.get_pipeline_model_parallel_group())
     return obj[0]
+
+
+def collect_per_microbatch(chunks: list, mbs: Sequence[dict], forward_step: ForwardStep, field: str,
+                           pad_id: int) -> list[list[float]]:
+    """Forward-only over DP x PP: ``mbs`` are spread round robin over data-parallel ranks (see
+    :func:`dapo_mcore.packing.dp_share`); returns, for every micro-batch in order, the list in the loss_fn
+    logs under ``field``. The same result on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from dapo_mcore.packing import dp_share
+
+    outs = forward_collect(chunks, dp_share(mbs, pad_id), forward_step)
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    local = {(i * dp + r): o[field].tolist() for i, o in enumerate(outs) if i * dp + r < len(mbs)}
+    parts: list = [None] * dp
+    torch.distributed.all_gather_object(parts, local, group=ps.get_data_parallel_group())
+    merged: dict[int, list[float]] = {}
+    for part in parts:
+        merged.update(part)
+    return [merged[i] for i in range(len(mbs))]
 
 
 def make_loss_fn(compute: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]):

@@ -1,0 +1,120 @@
+"""The resumable training loop shared by the critic and actor stages.
+
+Per optimizer step it asks for the step's micro-batches, runs :meth:`MegatronTrainer.train_step`, appends
+a line to ``metrics.jsonl`` (rank 0), logs to TensorBoard and the progress bar, and checkpoints every
+``save_interval`` steps, on Ctrl-C (then re-raises) and when ``max_steps`` steps were run in this
+invocation (then returns ``False``: a partial run, resumable). On resume the lines of ``metrics.jsonl``
+past the checkpoint are dropped, so the file always describes exactly one run.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from dapo_mcore.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dapo_mcore.training.trainer import ForwardStep, MegatronTrainer, StepResult
+
+
+@dataclass
+class LoopConfig:
+    name: str                      # e.g. "critic", "actor" (progress bar, TensorBoard tags)
+    total_steps: int
+    save_interval: int = 0
+    max_steps: int = 0
+    show_progress: bool = True
+    tensorboard: bool = True
+
+
+def resume(trainer: MegatronTrainer, ckpt_dir: Path) -> None:
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        load_checkpoint(trainer, latest)
+
+
+def run_loop(trainer: MegatronTrainer, cfg: LoopConfig, out: Path, microbatches_for: Callable[[int], list],
+             forward_step: ForwardStep, record: Callable[[StepResult], dict]) -> bool:
+    """Train until ``cfg.total_steps``; returns True when finished, False when stopped by ``max_steps``.
+
+    ``microbatches_for(step_index)`` gives this rank's micro-batches of the 0-based step;
+    ``record(result)`` the JSON-able metrics of a step (``step`` is added).
+    """
+    rank0 = dist.get_rank() == 0
+    ckpt_dir = out / "checkpoints"
+    start = trainer.step
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "metrics.jsonl"
+    mlog = tb = bar = None
+    if rank0:
+        if mpath.exists():
+            keep = [ln for ln in mpath.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            mpath.write_text("".join(ln + "\n" for ln in keep))
+        mlog = open(mpath, "a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tb"))
+        if cfg.show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=start, desc=cfg.name, unit="step", mininterval=1.0)
+    interrupted = {"flag": False}
+    old = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True)) if rank0 else None
+    try:
+        while trainer.step < cfg.total_steps:
+            if cfg.max_steps and trainer.step - start >= cfg.max_steps:
+                save_checkpoint(trainer, ckpt_dir, extra={"stage": cfg.name})
+                return False
+            res = trainer.train_step(microbatches_for(trainer.step), forward_step)
+            rec = {"step": trainer.step, **record(res)}
+            if rank0:
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                if tb:
+                    for k, v in rec.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            tb.add_scalar(f"{cfg.name}/{k}", v, trainer.step)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "grad_norm")})
+            flag = torch.tensor([1 if interrupted["flag"] else 0])
+            dist.all_reduce(flag)
+            if flag.item() or (cfg.save_interval and trainer.step % cfg.save_interval == 0):
+                save_checkpoint(trainer, ckpt_dir, extra={"stage": cfg.name})
+            if flag.item():
+                raise KeyboardInterrupt(f"{cfg.name} training interrupted at step {trainer.step}; checkpoint saved")
+    finally:
+        for h in (mlog, tb, bar):
+            if h is not None:
+                h.close()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None or json.loads((ckpt_dir / "latest.json").read_text())["step"] != trainer.step:
+        save_checkpoint(trainer, ckpt_dir, extra={"stage": cfg.name})
+    return True
+
+
+def read_metrics(out: Path) -> list[dict]:
+    p = Path(out) / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x] if p.exists() else []
+
+
+def tensorboard_scalars(out: Path, name: str, values: dict, step: int) -> None:
+    """Write final scalars (e.g. held-out metrics) to the run's TensorBoard directory (rank 0 only)."""
+    import math
+
+    if dist.get_rank() != 0:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(Path(out) / "tb")) as tb:
+        for k, v in values.items():
+            if isinstance(v, float) and math.isfinite(v):
+                tb.add_scalar(f"{name}/{k}", v, step)
+

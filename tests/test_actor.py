@@ -1,0 +1,175 @@
+"""Advantage stage and DAPO actor: rules, shared-prefix parity with the unpacked computation, TP/PP parity,
+stored reference log-probs, resume."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dapo_mcore.actor.advantage import advantages, keep_state, ranking_agreement, select_q, unique_actions
+from dapo_mcore.actor.batching import ActionGroup, pack_action_groups
+from dapo_mcore.actor.train import state_batches
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+
+
+def _mc_rec(actions, rewards):
+    return {"actions": [{"ids": ids, "text": str(ids), "ends_solution": ends, "reward": r if ends else None}
+                        for (ids, ends), r in zip(actions, rewards)],
+            "completions": [{"output_ids": ids, "reward": r, "finish": "stop"} for (ids, _), r in zip(actions, rewards)]}
+
+
+def test_unique_actions_counts_and_outcomes():
+    rec = _mc_rec([([1, 2], False), ([3], False), ([1, 2], False), ([4, 0], True), ([], False)],
+                  [1.0, 0.0, 0.0, 1.0, 1.0])
+    u = unique_actions(rec)
+    assert [a["ids"] for a in u] == [[1, 2], [3], [4, 0]]       # first-seen order, empty action dropped
+    assert [a["count"] for a in u] == [2, 1, 1]
+    assert [a["outcome"] for a in u] == [0.5, 0.0, 1.0]
+    assert [a["terminal_reward"] for a in u] == [None, None, 1.0]
+
+
+def test_q_advantages_and_gap_filter():
+    acts = [{"ends_solution": False, "terminal_reward": None, "outcome": 0.25},
+            {"ends_solution": True, "terminal_reward": 0.0, "outcome": 0.0},
+            {"ends_solution": False, "terminal_reward": None, "outcome": 1.0}]
+    critic_q = [0.6, 0.9, 0.3]
+    assert select_q(acts, critic_q, "critic", terminal_reward=True) == [0.6, 0.0, 0.3]
+    assert select_q(acts, critic_q, "critic", terminal_reward=False) == [0.6, 0.9, 0.3]
+    assert select_q(acts, None, "outcome", terminal_reward=True) == [0.25, 0.0, 1.0]
+    a = advantages([0.6, 0.0, 0.3])
+    assert a == pytest.approx([0.3, -0.3, 0.0]) and sum(a) == pytest.approx(0.0)
+    assert keep_state(a, 0.1, 2) and keep_state(advantages([0.5, 0.6]), 0.1, 2)   # gap exactly 0.1 kept
+    assert not keep_state(advantages([0.5, 0.59]), 0.1, 2)
+    assert not keep_state([0.0], 0.0, 2)                                           # one unique action
+    assert ranking_agreement([(0.9, 0.1, 1.0, 0.0), (0.2, 0.8, 1.0, 0.0), (0.5, 0.4, 0.5, 0.5)]) == 0.5
+
+
+def test_state_batches_keep_states_whole():
+    groups = [ActionGroup([1], [[2]] * n) for n in (3, 1, 4, 2, 5)]
+    steps = state_batches(groups, global_batch_actions=6, epochs=1, seed=0)
+    assert sorted(g for s in steps for g in s) == list(range(5))     # every state once, never split
+    assert all(sum(len(groups[g].actions) for g in s) >= 6 for s in steps[:-1])
+    two = state_batches(groups, global_batch_actions=6, epochs=2, seed=0)
+    assert two[:len(steps)] == steps and sorted(g for s in two[len(steps):] for g in s) == list(range(5))
+
+
+def test_pack_action_groups_targets_and_sharing():
+    g = [ActionGroup([5, 6, 7], [[8, 9], [10]], [0.5, -0.5], [[-1.0, -2.0], [-3.0]]),
+         ActionGroup([11], [[12]], [0.0], [[-0.5]])]
+    (mb,) = pack_action_groups(g, 64, 0, shared=True)
+    assert mb["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert mb["src"].tolist() == [2, 3, 2, 6] and mb["tgt"].tolist() == [8, 9, 10, 12]
+    assert mb["seg"].tolist() == [0, 0, 1, 2] and mb["action_keys"] == [(0, 0), (0, 1), (1, 0)]
+    assert mb["advantages"].tolist() == [0.5, -0.5, 0.0] and mb["ref_logp"].tolist() == [-1.0, -2.0, -3.0, -0.5]
+    un = pack_action_groups(g, 64, 0, shared=False)
+    assert sum(int(m["lengths"].sum()) for m in un) == 3 + 2 + 3 + 1 + 1 + 1   # the state repeated per action
+
+
+@pytest.fixture(scope="module")
+def advantage_dir(tiny_qwen2, synthetic_mc, tmp_path_factory):
+    """The advantage stage (outcome advantages, ref log-probs from the tiny policy) on the synthetic mc data."""
+    from conftest import run_torchrun
+
+    out = tmp_path_factory.mktemp("adv")
+    run_torchrun("dapo_mcore.actor.advantage", 1, "--mc", synthetic_mc, "--source", "outcome", "--reference",
+                 tiny_qwen2, "--out", out, "--shard-size", "40", "--token-budget", "256")
+    return out
+
+
+@pytest.mark.dist
+def test_advantage_stage_ref_logprobs_equal_fresh_computation(advantage_dir, tiny_qwen2):
+    from transformers import AutoModelForCausalLM
+
+    from dapo_mcore.data.shards import iter_records
+
+    s = json.loads((advantage_dir / "summary.json").read_text())
+    recs = list(iter_records(advantage_dir))
+    kept = [r for r in recs if r["keep"]]
+    assert s["states_kept"] == len(kept) > 0 and s["candidate_states"] == len(recs)
+    assert all(r["gap"] >= 0.1 for r in kept) and all(r["gap"] < 0.1 for r in recs if not r["keep"])
+    assert (advantage_dir / "advantage_hist.png").stat().st_size > 1000
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2)).eval()
+    worst = 0.0
+    for r in kept[:8]:
+        assert abs(sum(a["advantage"] for a in r["actions"])) < 1e-9
+        for a in r["actions"]:
+            seq = torch.tensor([r["state_ids"] + a["ids"]])
+            with torch.no_grad():
+                lp = torch.log_softmax(m(seq).logits[0].double(), -1)
+            L = len(r["state_ids"])
+            fresh = lp[torch.arange(L - 1, L + len(a["ids"]) - 1), torch.tensor(a["ids"])]
+            worst = max(worst, (fresh - torch.tensor(a["ref_logp"], dtype=torch.float64)).abs().max().item())
+            assert a["ref_logp_sum"] == pytest.approx(sum(a["ref_logp"]))
+    assert worst <= 1e-4
+
+
+def _hf_reference(model_dir, adv_dir):
+    from actor_worker import BETA, shifted_groups
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    terms = []
+    for g in shifted_groups(adv_dir):
+        for a, adv, ref in zip(g.actions, g.advantages, g.ref_logp):
+            lp = torch.log_softmax(m(torch.tensor([g.state + a])).logits[0].double(), -1)
+            L = len(g.state)
+            r = lp[torch.arange(L - 1, L + len(a) - 1), torch.tensor(a)].sum() - sum(ref)
+            terms.append(0.5 * (adv / BETA - r) ** 2)
+    loss = torch.stack(terms).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in m.named_parameters()}
+
+
+@pytest.mark.dist
+def test_dapo_step_shared_prefix_equals_unpacked_and_tp_pp(advantage_dir, tiny_qwen2, torchrun, tmp_path):
+    """One DAPO step: shared-prefix rows == one (s, a) per document (loss, every gradient; relative 1e-5),
+    TP=2 and PP=2 == TP=1, and all == a plain transformers computation per (s, a)."""
+    from safetensors.torch import load_file
+
+    runs = {"shared": (1, 1, []), "unshared": (1, 1, ["--unshared"]), "tp2": (2, 1, []), "pp2": (1, 2, []),
+            "reference_impl": (1, 1, ["--impl", "reference"])}
+    res = {}
+    for name, (tp, pp, extra) in runs.items():
+        out = tmp_path / name
+        torchrun("actor_worker.py", tp * pp, "step", tp, pp, tiny_qwen2, advantage_dir, out, *extra)
+        res[name] = (json.loads((out / "loss.json").read_text()), load_file(str(out / "grads.safetensors")))
+    base_loss, base = res["shared"]
+    assert base_loss["tokens"] < res["unshared"][0]["tokens"]
+    assert base_loss["abs_log_ratio"] > 0.1            # the ratio term is exercised
+    for name in ("unshared", "tp2", "pp2", "reference_impl"):
+        loss, grads = res[name]
+        assert loss["count"] == base_loss["count"]
+        assert abs(loss["loss"] - base_loss["loss"]) <= 1e-5 * base_loss["loss"], name
+        for k in base:
+            rel = (grads[k] - base[k]).abs().max().item() / max(base[k].abs().max().item(), 1e-12)
+            assert rel <= 1e-5, f"{name} {k}: {rel:.2e}"
+    ref_loss, ref = _hf_reference(tiny_qwen2, advantage_dir)
+    assert abs(ref_loss - base_loss["loss"]) <= 1e-5 * ref_loss
+    for k in ref:
+        rel = (base[k] - ref[k]).abs().max().item() / max(ref[k].abs().max().item(), 1e-12)
+        assert rel <= 3e-5, f"vs transformers {k}: {rel:.2e}"
+
+
+@pytest.mark.dist
+def test_actor_stage_resume_equals_uninterrupted(advantage_dir, tiny_qwen2, torchrun, tmp_path):
+    from dapo_mcore.models.convert import iter_hf_tensors
+
+    common = ["--adv", advantage_dir, "--init", tiny_qwen2, "--beta", "0.3", "--lr", "1e-4",
+              "--global-batch-actions", "64", "--token-budget", "256", "--epochs", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun("dapo_mcore.actor.train", 1, *common, "--out", full)
+    torchrun("dapo_mcore.actor.train", 1, *common, "--out", part, "--max-steps", "2")
+    assert not (part / "summary.json").exists()
+    torchrun("dapo_mcore.actor.train", 1, *common, "--out", part)
+    la = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) >= 3 and [r["loss"] for r in la] == [r["loss"] for r in lb]
+    a = {n: f() for n, f in iter_hf_tensors(full / "hf")}
+    b = {n: f() for n, f in iter_hf_tensors(part / "hf")}
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    s = json.loads((full / "summary.json").read_text())
+    assert s["actions"] > 0 and s["last"]["loss"] < s["first"]["loss"] * 1.5
