@@ -1,0 +1,194 @@
+"""Supervised fine-tuning (next-token cross-entropy on the completion tokens) with the megatron trainer.
+
+Used to build the demo's reference policy and by the rejection-sampling fine-tuning (RFT) control. The
+loss reads log-probs through the fused op (no [tokens x vocab] logits), examples are FFD-packed into
+block-diagonal rows, and the loss is the exact per-token mean over the global batch.
+
+Data: a JSONL of ``{"prompt": str, "completion": str}`` rows (the completion gets EOS appended), or
+token-level pairs via :func:`run_sft_examples`. ``python -m dapo_mcore.sft.train --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from dapo_mcore.packing import RowBuilder, collate, dp_share, first_fit_decreasing
+from dapo_mcore.parallel.runtime import ParallelConfig
+
+
+@dataclass
+class SFTConfig:
+    init_path: str = ""
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta2: float = 0.95
+    epochs: int = 1
+    global_batch: int = 64           # examples per step
+    token_budget: int = 2048         # tokens per packed row
+    seed: int = 0
+    save_interval: int = 0
+    max_steps: int = 0
+    show_progress: bool = True
+    tensorboard: bool = True
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+@dataclass
+class SFTExample:
+    prompt: list[int]
+    completion: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int) -> list[dict]:
+    """FFD-packed rows; per row the gather indices ``src`` (predicting positions) and ``tgt`` (completion
+    tokens), like the actor's, so the fused log-prob op reads only the labelled positions."""
+    mbs = []
+    for b in first_fit_decreasing([len(e) for e in examples], token_budget):
+        rb = RowBuilder()
+        src, tgt = [], []
+        for i in b:
+            e = examples[i]
+            span = rb.add_example(e.prompt + e.completion)
+            first = span.start + len(e.prompt)
+            src += list(range(first - 1, span.end - 1))
+            tgt += e.completion
+        batch = collate([rb.build()], pad_id=pad_id)
+        batch.update(src=torch.tensor(src, dtype=torch.long), tgt=torch.tensor(tgt, dtype=torch.long))
+        mbs.append(batch)
+    return mbs
+
+
+def sft_forward_step(model, batch: dict):
+    """loss = −Σ log p(completion tokens), count = #completion tokens."""
+    from dapo_mcore.actor.batching import token_logp
+    from dapo_mcore.training.trainer import make_loss_fn
+
+    hidden = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], output="hidden")
+
+    def compute(h):
+        if batch["tgt"].numel() == 0:
+            return h.sum() * 0.0, 0, {}
+        lp = token_logp(model, h, batch)
+        return -lp.sum(), int(lp.numel()), {}
+
+    return hidden, make_loss_fn(compute)
+
+
+def encode_jsonl(path: str | Path, tok) -> list[SFTExample]:
+    """Rows ``{"prompt", "completion"}``; errors name the file and line."""
+    out = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, completion = row["prompt"], row["completion"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{ln}: bad SFT row ({e}); need {{\"prompt\": str, \"completion\": str}}") from None
+            out.append(SFTExample(tok.encode(prompt, add_special_tokens=False),
+                                  tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]))
+    return out
+
+
+def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: str | Path) -> dict:
+    """Train (or resume) on token-level examples; exports ``out_dir/hf``; returns the summary."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from dapo_mcore.models.convert import load_hf_weights, save_hf_checkpoint
+    from dapo_mcore.models.gpt import build_model_chunks
+    from dapo_mcore.models.hf_config import load_arch, transformer_config
+    from dapo_mcore.parallel.runtime import initialize_parallel
+    from dapo_mcore.training.loop import LoopConfig, read_metrics, resume, run_loop
+    from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+
+    if not cfg.init_path:
+        raise ValueError("sft.init_path is required")
+    if not examples:
+        raise ValueError("no SFT examples")
+    out = Path(out_dir)
+    t0 = time.time()
+    initialize_parallel(cfg.parallel)
+    arch = load_arch(cfg.init_path)
+    tok = AutoTokenizer.from_pretrained(cfg.init_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    p = cfg.parallel
+    chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
+                                                         pp=p.pipeline_model_parallel_size,
+                                                         vpp=p.virtual_pipeline_model_parallel_size))
+    load_hf_weights(chunks, cfg.init_path, arch)
+    steps = []
+    for ep in range(cfg.epochs):
+        order = list(range(len(examples)))
+        random.Random(cfg.seed * 1000 + ep).shuffle(order)
+        steps += [order[i:i + cfg.global_batch] for i in range(0, len(order), cfg.global_batch)]
+    trainer = MegatronTrainer(chunks, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                                  clip_grad=cfg.clip_grad, warmup_steps=cfg.warmup_steps,
+                                                  decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2),
+                              total_steps=len(steps))
+    resume(trainer, out / "checkpoints")
+    loop = LoopConfig("sft", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
+    finished = run_loop(trainer, loop, out,
+                        lambda i: dp_share(pack_sft([examples[j] for j in steps[i]], cfg.token_budget, pad_id), pad_id),
+                        sft_forward_step,
+                        lambda r: {"loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "tokens": r.count})
+    if not finished:
+        return {"stage": "sft", "partial": True, "steps": trainer.step, "total_steps": len(steps)}
+    save_hf_checkpoint(trainer.chunks, out / "hf", arch, source_dir=cfg.init_path)
+    hist = read_metrics(out)
+    summary = {"stage": "sft", "examples": len(examples), "steps": trainer.step, "seconds": time.time() - t0,
+               "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
+               "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    if dist.get_rank() == 0:
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out / "summary.json")
+    dist.barrier()
+    return summary
+
+
+def run_sft(cfg: SFTConfig, data: str | Path, out_dir: str | Path) -> dict:
+    from transformers import AutoTokenizer
+
+    if not cfg.init_path:
+        raise ValueError("sft.init_path is required")
+    return run_sft_examples(cfg, encode_jsonl(data, AutoTokenizer.from_pretrained(cfg.init_path)), out_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="Supervised fine-tuning (megatron, fused log-probs, packed rows).")
+    ap.add_argument("--data", required=True, help='JSONL of {"prompt": ..., "completion": ...}')
+    ap.add_argument("--init", required=True, help="HF checkpoint to start from")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=0)
+    a = ap.parse_args(argv)
+    cfg = SFTConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch, token_budget=a.token_budget,
+                    seed=a.seed, max_steps=a.max_steps,
+                    parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
+    run_sft(cfg, a.data, a.out)
+
+
+if __name__ == "__main__":
+    main()
