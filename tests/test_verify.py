@@ -75,4 +75,4 @@ def test_never_crashes_counts_errors_and_timeouts():
 def test_make_verifier():
     assert isinstance(make_verifier("math"), MathVerifier)
     with pytest.raises(ValueError, match="unknown verifier"):
-        make_verifier("code")
+        make_verifier("nope")

@@ -21,7 +21,8 @@ class ProblemSetError(ValueError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem. ``answer`` is the reference answer string given to the verifier."""
+    """One problem. ``answer`` is the reference answer string given to the verifier (for code
+    problems: the JSON text of the test spec, see :mod:`dapo_mcore.verify.code`)."""
 
     id: str
     prompt: str
@@ -58,8 +59,17 @@ def _validate(row: Any, where: str, seen: set[str]) -> Problem:
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         raise ProblemSetError(f"{where}: field 'prompt' must be a non-empty string")
     ans = row["answer"]
+    if isinstance(ans, dict):   # code problems: the answer is a test spec (dapo_mcore.verify.code)
+        from dapo_mcore.verify.code import parse_code_spec
+
+        try:
+            parse_code_spec(ans)
+        except ValueError as e:
+            raise ProblemSetError(f"{where}: field 'answer' is not a valid code test spec: {e}") from None
+        ans = json.dumps(ans, ensure_ascii=False)
     if isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
-        raise ProblemSetError(f"{where}: field 'answer' must be a string or number, got {type(ans).__name__}")
+        raise ProblemSetError(f"{where}: field 'answer' must be a string or number (or a code test spec "
+                              f"object), got {type(ans).__name__}")
     ans = str(ans)
     if not ans.strip():
         raise ProblemSetError(f"{where}: field 'answer' is empty")

@@ -19,7 +19,7 @@ from dapo_mcore.data.problems import PromptTemplate, read_problems
 from dapo_mcore.data.shards import ShardedWriter, chunk, file_sha256, write_json_summary
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
 from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, make_backend, print_summary, progress
-from dapo_mcore.verify import make_verifier
+from dapo_mcore.verify import VERIFIERS, make_verifier
 
 
 @dataclass
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prompt-template", default="{prompt}", help="format string with {prompt}, or 'chat'")
-    ap.add_argument("--verifier", choices=["exact", "math"], default="exact")
+    ap.add_argument("--verifier", choices=sorted(VERIFIERS), default="exact")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--skip-bad-rows", action="store_true")

@@ -26,7 +26,7 @@ from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
 from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, make_backend, print_summary, progress
 from dapo_mcore.rollout.segment import TokenBytes, first_step
 from dapo_mcore.rollout.states import State, StateStats, build_states
-from dapo_mcore.verify import make_verifier
+from dapo_mcore.verify import VERIFIERS, make_verifier
 
 
 @dataclass
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--delimiter", default="\n", help="step delimiter (escape sequences like \\n are decoded)")
-    ap.add_argument("--verifier", choices=["exact", "math"], default="exact")
+    ap.add_argument("--verifier", choices=sorted(VERIFIERS), default="exact")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
