@@ -156,6 +156,48 @@ def collate(rows: Sequence[PackedRow], pad_id: int = 0, length: int | None = Non
             "lengths": torch.tensor([len(r) for r in rows])}
 
 
+_ROW_POSITION_FIELDS = ("label_index", "src")      # positions in a row: shifted by row * L
+_LONG_FIELDS = ("label_index", "src", "tgt", "seg")
+_FLOAT_FIELDS = ("targets", "advantages", "ref_logp")
+
+
+def batch_rows(rows: Sequence[tuple[PackedRow, dict]], rows_per_microbatch: int, pad_id: int) -> list[dict]:
+    """Stack packed rows ``rows_per_microbatch`` at a time into micro-batches ``[b, L]``.
+
+    Each row comes with its extras (python lists): row positions (``label_index``, ``src``) are turned into
+    flat indices into ``[b * L]``; ``seg`` (action index within the row) is renumbered across the rows
+    (``num_segments`` gives a row's count); everything else is concatenated in row order. Several short
+    rows per micro-batch keep the dense CPU attention mask small (``b * L^2`` instead of ``(b * L)^2``).
+    """
+    if rows_per_microbatch < 1:
+        raise ValueError(f"rows_per_microbatch must be >= 1, got {rows_per_microbatch}")
+    mbs = []
+    for c in range(0, len(rows), rows_per_microbatch):
+        chunk = rows[c:c + rows_per_microbatch]
+        L = max(len(r) for r, _ in chunk)
+        batch = collate([r for r, _ in chunk], pad_id=pad_id, length=L)
+        merged: dict = {}
+        nseg = 0
+        for i, (_, ex) in enumerate(chunk):
+            for k, v in ex.items():
+                if k == "num_segments":
+                    continue
+                if k in _ROW_POSITION_FIELDS:
+                    v = [x + i * L for x in v]
+                elif k == "seg":
+                    v = [x + nseg for x in v]
+                merged.setdefault(k, []).extend(v)
+            nseg += ex.get("num_segments", 0)
+        for k, v in merged.items():
+            if k in _LONG_FIELDS:
+                merged[k] = torch.tensor(v, dtype=torch.long)
+            elif k in _FLOAT_FIELDS:
+                merged[k] = torch.tensor(v, dtype=torch.float32)
+        batch.update(merged)
+        mbs.append(batch)
+    return mbs
+
+
 def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Bin-pack item indices into bins of at most ``budget`` tokens (first-fit decreasing).
 

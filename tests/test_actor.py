@@ -131,7 +131,7 @@ def test_dapo_step_shared_prefix_equals_unpacked_and_tp_pp(advantage_dir, tiny_q
     from safetensors.torch import load_file
 
     runs = {"shared": (1, 1, []), "unshared": (1, 1, ["--unshared"]), "tp2": (2, 1, []), "pp2": (1, 2, []),
-            "reference_impl": (1, 1, ["--impl", "reference"])}
+            "reference_impl": (1, 1, ["--impl", "reference"]), "rows2": (1, 1, ["--budget", "80", "--rows", "2"])}
     res = {}
     for name, (tp, pp, extra) in runs.items():
         out = tmp_path / name
@@ -140,7 +140,7 @@ def test_dapo_step_shared_prefix_equals_unpacked_and_tp_pp(advantage_dir, tiny_q
     base_loss, base = res["shared"]
     assert base_loss["tokens"] < res["unshared"][0]["tokens"]
     assert base_loss["abs_log_ratio"] > 0.1            # the ratio term is exercised
-    for name in ("unshared", "tp2", "pp2", "reference_impl"):
+    for name in ("unshared", "tp2", "pp2", "reference_impl", "rows2"):
         loss, grads = res[name]
         assert loss["count"] == base_loss["count"]
         assert abs(loss["loss"] - base_loss["loss"]) <= 1e-5 * base_loss["loss"], name

@@ -87,21 +87,23 @@ def test_metrics_against_direct_formulas():
 
 @pytest.mark.dist
 def test_packed_step_equals_unpacked_and_tp_pp(tiny_qwen2, synthetic_mc, torchrun, tmp_path):
-    """One critic step: FFD-packed rows == one example per row (loss, every gradient incl. the head);
-    TP=2 and PP=2 == TP=1."""
+    """One critic step: FFD-packed rows == one example per row (loss, every gradient incl. the head) ==
+    three packed rows stacked per micro-batch; TP=2 and PP=2 == TP=1."""
     from safetensors.torch import load_file
 
-    runs = {"packed": (1, 1, "packed"), "unpacked": (1, 1, "unpacked"), "tp2": (2, 1, "packed"),
-            "pp2": (1, 2, "packed")}
+    runs = {"packed": (1, 1, "packed", 1), "unpacked": (1, 1, "unpacked", 1), "tp2": (2, 1, "packed", 1),
+            "pp2": (1, 2, "packed", 1), "rows3": (1, 1, "packed", 3)}
     res = {}
-    for name, (tp, pp, pack) in runs.items():
+    for name, (tp, pp, pack, rows) in runs.items():
         out = tmp_path / name
-        torchrun("critic_worker.py", tp * pp, "step", tp, pp, tiny_qwen2, synthetic_mc, out, "--pack", pack)
+        torchrun("critic_worker.py", tp * pp, "step", tp, pp, tiny_qwen2, synthetic_mc, out, "--pack", pack,
+                 "--rows", rows)
         res[name] = (json.loads((out / "loss.json").read_text()), load_file(str(out / "grads.safetensors")))
     ref_loss, ref = res["packed"]
     assert res["unpacked"][0]["rows"] > ref_loss["rows"]          # packing did merge examples
     assert "score.weight" in ref and "score.bias" in ref
-    for name in ("unpacked", "tp2", "pp2"):
+    assert res["rows3"][0]["rows"] < ref_loss["rows"]              # several rows per micro-batch
+    for name in ("unpacked", "tp2", "pp2", "rows3"):
         loss, grads = res[name]
         assert loss["count"] == ref_loss["count"]
         assert abs(loss["loss"] - ref_loss["loss"]) <= 1e-6 * abs(ref_loss["loss"]), name

@@ -36,6 +36,7 @@ class AdvantageConfig:
     gap_threshold: float = 0.1       # keep states with max A - min A >= this
     min_actions: int = 2             # unique actions a state needs
     token_budget: int = 4096         # tokens per packed row
+    rows_per_microbatch: int = 1     # packed rows stacked per micro-batch
     shard_size: int = 512            # states per output shard
     fmt: str = "parquet"
     show_progress: bool = True
@@ -140,12 +141,13 @@ def _state_ids(rec: dict) -> list[int]:
     return list(rec["prompt_ids"]) + [int(t) for s in rec["step_ids"] for t in s]
 
 
-def reference_logprobs(chunks: list, groups: Sequence, token_budget: int, pad_id: int) -> list[list[list[float]]]:
+def reference_logprobs(chunks: list, groups: Sequence, token_budget: int, pad_id: int,
+                       rows_per_microbatch: int = 1) -> list[list[list[float]]]:
     """Per group, per action, the per-token log π(a | s) (fused op, shared-prefix rows, DP x PP)."""
     from dapo_mcore.actor.batching import logp_collect_step, pack_action_groups
     from dapo_mcore.training.trainer import collect_per_microbatch
 
-    mbs = pack_action_groups(groups, token_budget, pad_id, shared=True)
+    mbs = pack_action_groups(groups, token_budget, pad_id, shared=True, rows_per_microbatch=rows_per_microbatch)
     res: dict[tuple, list[float]] = {}
     for mb, lp in zip(mbs, collect_per_microbatch(chunks, mbs, logp_collect_step, "logp", pad_id)):
         seg = mb["seg"].tolist()
@@ -224,7 +226,7 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
         shard = shards[si]
         if critic is not None:
             scored = score_groups(critic, [ScoreGroup(_state_ids(r), [a["ids"] for a in acts]) for r, acts in shard],
-                                  cfg.token_budget, pad_id)
+                                  cfg.token_budget, pad_id, cfg.rows_per_microbatch)
         records, kept_groups = [], []
         for k, (rec, acts) in enumerate(shard):
             cq = scored[k][1] if critic is not None else None
@@ -240,7 +242,8 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
                             "keep": keep, "actions": actions})
             if keep:
                 kept_groups.append((records[-1], ActionGroup(records[-1]["state_ids"], [a["ids"] for a in acts])))
-        ref_lp = reference_logprobs(ref, [g for _, g in kept_groups], cfg.token_budget, pad_id) if kept_groups else []
+        ref_lp = (reference_logprobs(ref, [g for _, g in kept_groups], cfg.token_budget, pad_id,
+                                     cfg.rows_per_microbatch) if kept_groups else [])
         for (r, _), lps in zip(kept_groups, ref_lp):
             for a, lp in zip(r["actions"], lps):
                 a["ref_logp"] = [float(x) for x in lp]

@@ -1,16 +1,16 @@
 """State groups (a state and its actions) packed for the policy: DAPO training and reference log-probs.
 
-A micro-batch is one packed row (see :mod:`dapo_mcore.packing`) holding several state groups. With
+A micro-batch is one or more packed rows (see :mod:`dapo_mcore.packing`) holding several state groups. With
 ``shared=True`` (the default) a state is encoded once and its actions follow it (shared-prefix mask);
 ``shared=False`` lays out every (state, action) pair as its own document, repeating the state: the
 unshared baseline, numerically the same computation.
 
-Per micro-batch, beside ``input_ids``/``position_ids``/``attention_mask`` ``[1, L]``/``[1, 1, L, L]``:
+Per micro-batch, beside ``input_ids``/``position_ids``/``attention_mask`` ``[b, L]``/``[b, 1, L, L]``:
 
-* ``src`` ``[N]`` int64 — row positions whose hidden states predict the N action tokens,
+* ``src`` ``[N]`` int64 — flat positions in ``[b * L]`` whose hidden states predict the N action tokens,
 * ``tgt`` ``[N]`` int64 — the action tokens,
 * ``seg`` ``[N]`` int64 — the local action index ``[0, S)`` of each token,
-* ``advantages`` ``[S]`` float32 and ``ref_logp`` ``[N]`` float32 (training only),
+* ``advantages`` ``[S]`` float32 and ``ref_logp`` ``[N]`` float32 (empty when not given),
 * ``action_keys`` — ``(group index, action index)`` of each local action.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from dapo_mcore.packing import RowBuilder, collate, first_fit_decreasing
+from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
 
 
 @dataclass
@@ -46,35 +46,33 @@ def _units(groups: Sequence[ActionGroup], shared: bool) -> list[tuple[int, list[
     return [(gi, [ai]) for gi, g in enumerate(groups) for ai in range(len(g.actions))]
 
 
-def pack_action_groups(groups: Sequence[ActionGroup], token_budget: int, pad_id: int, shared: bool = True) -> list[dict]:
-    """FFD-pack groups (or, unshared, single (s, a) pairs) into one-row micro-batches (see module doc)."""
+def pack_action_groups(groups: Sequence[ActionGroup], token_budget: int, pad_id: int, shared: bool = True,
+                       rows_per_microbatch: int = 1) -> list[dict]:
+    """FFD-pack groups (or, unshared, single (s, a) pairs) into rows, ``rows_per_microbatch`` rows per
+    micro-batch (see module doc)."""
     units = _units(groups, shared)
     costs = [len(groups[gi].state) + sum(len(groups[gi].actions[a]) for a in ais) for gi, ais in units]
-    mbs = []
+    rows = []
     for b in first_fit_decreasing(costs, token_budget):
         rb = RowBuilder()
-        src, tgt, seg, adv, ref, keys = [], [], [], [], [], []
+        ex: dict = {"src": [], "tgt": [], "seg": [], "advantages": [], "ref_logp": [], "action_keys": []}
         for ui in b:
             gi, ais = units[ui]
             g = groups[gi]
             span = rb.add_state(g.state, [g.actions[a] for a in ais], keys=ais)
             for a_span in span.actions:
                 ai = a_span.key
-                src += a_span.src
-                tgt += a_span.tgt
-                seg += [len(keys)] * len(a_span.tgt)
+                ex["src"] += a_span.src
+                ex["tgt"] += a_span.tgt
+                ex["seg"] += [len(ex["action_keys"])] * len(a_span.tgt)
                 if g.advantages is not None:
-                    adv.append(float(g.advantages[ai]))
+                    ex["advantages"].append(float(g.advantages[ai]))
                 if g.ref_logp is not None:
-                    ref += [float(x) for x in g.ref_logp[ai]]
-                keys.append((gi, ai))
-        batch = collate([rb.build()], pad_id=pad_id)
-        batch.update(src=torch.tensor(src, dtype=torch.long), tgt=torch.tensor(tgt, dtype=torch.long),
-                     seg=torch.tensor(seg, dtype=torch.long), action_keys=keys,
-                     advantages=torch.tensor(adv, dtype=torch.float32) if adv else None,
-                     ref_logp=torch.tensor(ref, dtype=torch.float32) if ref else None)
-        mbs.append(batch)
-    return mbs
+                    ex["ref_logp"] += [float(x) for x in g.ref_logp[ai]]
+                ex["action_keys"].append((gi, ai))
+        ex["num_segments"] = len(ex["action_keys"])
+        rows.append((rb.build(), ex))
+    return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
 def _unwrap(model):

@@ -42,7 +42,8 @@ class ActorConfig:
     adam_beta2: float = 0.95
     epochs: int = 1
     global_batch_actions: int = 2048    # actions per optimizer step (whole states)
-    token_budget: int = 4096            # tokens per packed row (one micro-batch)
+    token_budget: int = 4096            # tokens per packed row
+    rows_per_microbatch: int = 1        # packed rows stacked per micro-batch
     shared_prefix: bool = True          # False: each (s, a) its own document (baseline)
     seed: int = 0
     save_interval: int = 0
@@ -136,7 +137,7 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
     finished = run_loop(
         trainer, loop, out,
         lambda i: dp_share(pack_action_groups([groups[g] for g in steps[i]], cfg.token_budget, pad_id,
-                                              cfg.shared_prefix), pad_id),
+                                              cfg.shared_prefix, cfg.rows_per_microbatch), pad_id),
         dapo_forward_step(cfg.beta, cfg.ops_impl),
         lambda r: {"loss": r.loss, "abs_log_ratio": r.logs["abs_log_ratio"], "kl_k3": r.logs["kl_k3"],
                    "sign_agree": r.logs["sign_agree"], "grad_norm": r.grad_norm, "lr": r.lr, "actions": r.count})
@@ -170,6 +171,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--global-batch-actions", type=int, default=2048)
     ap.add_argument("--token-budget", type=int, default=4096)
+    ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--no-shared-prefix", action="store_true", help="lay out each (s, a) separately")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -178,6 +180,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = ap.parse_args(argv)
     cfg = ActorConfig(init_path=a.init, beta=a.beta, lr=a.lr, epochs=a.epochs,
                       global_batch_actions=a.global_batch_actions, token_budget=a.token_budget,
+                      rows_per_microbatch=a.rows_per_microbatch,
                       shared_prefix=not a.no_shared_prefix, seed=a.seed, max_steps=a.max_steps,
                       parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
     run_train_actor(cfg, a.adv, a.out)

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from dapo_mcore.packing import RowBuilder, collate, first_fit_decreasing
+from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
 
 
 @dataclass
@@ -119,28 +119,25 @@ def truncate(ex: CriticExample, max_len: int) -> CriticExample | None:
     return CriticExample(ex.problem_id, ex.tokens[:max_len], [p for p, _ in keep], [t for _, t in keep], ex.kind)
 
 
-def pack_examples(examples: Sequence[CriticExample], token_budget: int, pad_id: int) -> list[dict]:
-    """FFD-pack examples into rows of at most ``token_budget`` tokens; one micro-batch (1 row) per bin.
+def pack_examples(examples: Sequence[CriticExample], token_budget: int, pad_id: int,
+                  rows_per_microbatch: int = 1) -> list[dict]:
+    """FFD-pack examples into rows of at most ``token_budget`` tokens, ``rows_per_microbatch`` rows per
+    micro-batch.
 
-    Each micro-batch: ``input_ids``/``position_ids`` ``[1, L]``, ``attention_mask`` ``[1, 1, L, L]``
-    (block-diagonal, causal), ``label_index`` ``[n]`` int64 (flat index into ``[1 * L]``),
+    Each micro-batch: ``input_ids``/``position_ids`` ``[b, L]``, ``attention_mask`` ``[b, 1, L, L]``
+    (block-diagonal, causal), ``label_index`` ``[n]`` int64 (flat index into ``[b * L]``),
     ``targets`` ``[n]`` float32, ``example_index`` (indices into ``examples``, in label order).
     """
-    bins = first_fit_decreasing([len(e) for e in examples], token_budget)
-    mbs = []
-    for b in bins:
+    rows = []
+    for b in first_fit_decreasing([len(e) for e in examples], token_budget):
         rb = RowBuilder()
         idx, tgt = [], []
         for i in b:
             span = rb.add_example(examples[i].tokens)
             idx += [span.start + p for p in examples[i].label_pos]
             tgt += examples[i].targets
-        batch = collate([rb.build()], pad_id=pad_id)
-        batch["label_index"] = torch.tensor(idx, dtype=torch.long)
-        batch["targets"] = torch.tensor(tgt, dtype=torch.float32)
-        batch["example_index"] = list(b)
-        mbs.append(batch)
-    return mbs
+        rows.append((rb.build(), {"label_index": idx, "targets": tgt, "example_index": list(b)}))
+    return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
 def step_batches(examples: Sequence[CriticExample], global_batch: int, epochs: int, seed: int) -> list[list[int]]:

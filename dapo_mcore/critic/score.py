@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from dapo_mcore.packing import RowBuilder, collate, first_fit_decreasing
+from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
 
 
 @dataclass
@@ -27,24 +27,19 @@ class ScoreGroup:
         return len(self.state) + sum(len(a) for a in self.actions)
 
 
-def pack_groups(groups: Sequence[ScoreGroup], token_budget: int, pad_id: int) -> list[dict]:
-    """Micro-batches (one row each) with ``label_index`` = [V(s), V(s⊕a_1), ...] per group in bin order,
-    and ``group_index`` = the groups in the row."""
-    bins = first_fit_decreasing([g.cost() for g in groups], token_budget)
-    mbs = []
-    for b in bins:
+def pack_groups(groups: Sequence[ScoreGroup], token_budget: int, pad_id: int, rows_per_microbatch: int = 1) -> list[dict]:
+    """Micro-batches with ``label_index`` = [V(s), V(s⊕a_1), ...] per group in bin order (flat indices), and
+    ``example_index`` = the groups in the micro-batch."""
+    rows = []
+    for b in first_fit_decreasing([g.cost() for g in groups], token_budget):
         rb = RowBuilder()
         idx = []
         for gi in b:
             span = rb.add_state(groups[gi].state, groups[gi].actions)
             idx.append(span.state_end - 1)
             idx += [a.end - 1 for a in span.actions]
-        batch = collate([rb.build()], pad_id=pad_id)
-        batch["label_index"] = torch.tensor(idx, dtype=torch.long)
-        batch["targets"] = torch.zeros(len(idx))
-        batch["example_index"] = list(b)
-        mbs.append(batch)
-    return mbs
+        rows.append((rb.build(), {"label_index": idx, "targets": [0.0] * len(idx), "example_index": list(b)}))
+    return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
 def value_collect_step(model, batch: dict):
@@ -72,10 +67,11 @@ def values_by_example(chunks: list, mbs: list[dict], sizes: Sequence[int], pad_i
     return [res[i] for i in range(len(sizes))]
 
 
-def score_groups(chunks: list, groups: Sequence[ScoreGroup], token_budget: int, pad_id: int) -> list[tuple[float, list[float]]]:
+def score_groups(chunks: list, groups: Sequence[ScoreGroup], token_budget: int, pad_id: int,
+                 rows_per_microbatch: int = 1) -> list[tuple[float, list[float]]]:
     """``[(V(s), [V(s⊕a_i) ...]) ...]`` in the order of ``groups``; the same list on every rank."""
     if not groups:
         return []
-    vals = values_by_example(chunks, pack_groups(groups, token_budget, pad_id),
+    vals = values_by_example(chunks, pack_groups(groups, token_budget, pad_id, rows_per_microbatch),
                              [1 + len(g.actions) for g in groups], pad_id)
     return [(v[0], v[1:]) for v in vals]

@@ -38,7 +38,8 @@ class CriticConfig:
     adam_beta2: float = 0.95
     epochs: int = 1
     global_batch: int = 512           # examples per optimizer step
-    token_budget: int = 4096          # tokens per packed row (one micro-batch)
+    token_budget: int = 4096          # tokens per packed row
+    rows_per_microbatch: int = 1      # packed rows stacked per micro-batch
     max_length: Optional[int] = None  # default: the model's max_position_embeddings
     use_completions: bool = False     # also train on MC completions with their single-sample outcome
     heldout_fraction: float = 0.1     # of problems
@@ -66,11 +67,12 @@ def value_forward_step(model, batch: dict):
     return out, make_loss_fn(compute)
 
 
-def predict(chunks: list, examples: list[CriticExample], token_budget: int, pad_id: int) -> list[float]:
+def predict(chunks: list, examples: list[CriticExample], token_budget: int, pad_id: int,
+            rows_per_microbatch: int = 1) -> list[float]:
     """V at every label of ``examples`` (in order), through the pipeline; the same list on every rank."""
     if not examples:
         return []
-    vals = values_by_example(chunks, pack_examples(examples, token_budget, pad_id),
+    vals = values_by_example(chunks, pack_examples(examples, token_budget, pad_id, rows_per_microbatch),
                              [len(e.label_pos) for e in examples], pad_id)
     return [v for per in vals for v in per]
 
@@ -132,17 +134,18 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     loop = LoopConfig("critic", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
     finished = run_loop(
         trainer, loop, out,
-        lambda i: dp_share(pack_examples([train[j] for j in steps[i]], cfg.token_budget, pad_id), pad_id),
+        lambda i: dp_share(pack_examples([train[j] for j in steps[i]], cfg.token_budget, pad_id,
+                                         cfg.rows_per_microbatch), pad_id),
         value_forward_step,
         lambda r: {"loss": r.loss, "brier": r.logs.get("sq_err", float("nan")), "grad_norm": r.grad_norm,
                    "lr": r.lr, "labels": r.count})
     if not finished:
         return {"stage": "train-critic", "partial": True, "steps": trainer.step, "total_steps": len(steps)}
 
-    preds = predict(trainer.chunks, val, cfg.token_budget, pad_id)
+    preds = predict(trainer.chunks, val, cfg.token_budget, pad_id, cfg.rows_per_microbatch)
     targets = [t for e in val for t in e.targets]
     metrics = critic_metrics(preds, targets, train_mean)
-    train_preds = predict(trainer.chunks, train[:2000], cfg.token_budget, pad_id)
+    train_preds = predict(trainer.chunks, train[:2000], cfg.token_budget, pad_id, cfg.rows_per_microbatch)
     train_metrics = critic_metrics(train_preds, [t for e in train[:2000] for t in e.targets], train_mean)
     save_hf_checkpoint(trainer.chunks, out / "hf", arch, source_dir=cfg.init_path)
     summary = {"stage": "train-critic", "counts": counts, "steps": trainer.step, "train_mean_target": train_mean,
@@ -171,6 +174,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--global-batch", type=int, default=512)
     ap.add_argument("--token-budget", type=int, default=4096)
+    ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--use-completions", action="store_true")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -178,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
     a = ap.parse_args(argv)
     cfg = CriticConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch,
-                       token_budget=a.token_budget, use_completions=a.use_completions, seed=a.seed,
+                       token_budget=a.token_budget, rows_per_microbatch=a.rows_per_microbatch, use_completions=a.use_completions, seed=a.seed,
                        max_steps=a.max_steps,
                        parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
     run_train_critic(cfg, a.mc, a.out)

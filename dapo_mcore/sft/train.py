@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from dapo_mcore.packing import RowBuilder, collate, dp_share, first_fit_decreasing
+from dapo_mcore.packing import RowBuilder, batch_rows, dp_share, first_fit_decreasing
 from dapo_mcore.parallel.runtime import ParallelConfig
 
 
@@ -36,6 +36,7 @@ class SFTConfig:
     epochs: int = 1
     global_batch: int = 64           # examples per step
     token_budget: int = 2048         # tokens per packed row
+    rows_per_microbatch: int = 1     # packed rows stacked per micro-batch
     seed: int = 0
     save_interval: int = 0
     max_steps: int = 0
@@ -53,10 +54,10 @@ class SFTExample:
         return len(self.prompt) + len(self.completion)
 
 
-def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int) -> list[dict]:
-    """FFD-packed rows; per row the gather indices ``src`` (predicting positions) and ``tgt`` (completion
-    tokens), like the actor's, so the fused log-prob op reads only the labelled positions."""
-    mbs = []
+def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int, rows_per_microbatch: int = 1) -> list[dict]:
+    """FFD-packed rows; per micro-batch the gather indices ``src`` (predicting positions, flat) and ``tgt``
+    (completion tokens), like the actor's, so the fused log-prob op reads only the labelled positions."""
+    rows = []
     for b in first_fit_decreasing([len(e) for e in examples], token_budget):
         rb = RowBuilder()
         src, tgt = [], []
@@ -66,10 +67,8 @@ def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int) -> 
             first = span.start + len(e.prompt)
             src += list(range(first - 1, span.end - 1))
             tgt += e.completion
-        batch = collate([rb.build()], pad_id=pad_id)
-        batch.update(src=torch.tensor(src, dtype=torch.long), tgt=torch.tensor(tgt, dtype=torch.long))
-        mbs.append(batch)
-    return mbs
+        rows.append((rb.build(), {"src": src, "tgt": tgt}))
+    return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
 def sft_forward_step(model, batch: dict):
@@ -144,7 +143,8 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("sft", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
     finished = run_loop(trainer, loop, out,
-                        lambda i: dp_share(pack_sft([examples[j] for j in steps[i]], cfg.token_budget, pad_id), pad_id),
+                        lambda i: dp_share(pack_sft([examples[j] for j in steps[i]], cfg.token_budget, pad_id,
+                                                     cfg.rows_per_microbatch), pad_id),
                         sft_forward_step,
                         lambda r: {"loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "tokens": r.count})
     if not finished:
@@ -179,13 +179,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0)
     a = ap.parse_args(argv)
     cfg = SFTConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch, token_budget=a.token_budget,
-                    seed=a.seed, max_steps=a.max_steps,
+                    rows_per_microbatch=a.rows_per_microbatch, seed=a.seed, max_steps=a.max_steps,
                     parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
     run_sft(cfg, a.data, a.out)
 

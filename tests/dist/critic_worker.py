@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("rest", nargs="+")
     ap.add_argument("--pack", default="packed")
+    ap.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch")
     args = ap.parse_args()
     initialize_parallel(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp))
     arch = load_arch(args.model)
@@ -46,7 +47,7 @@ def main() -> None:
         out = Path(out)
         exs = solution_examples(read_mc(mc))[:12]
         if args.pack == "packed":
-            mbs = pack_examples(exs, 160, 0)           # several examples per row
+            mbs = pack_examples(exs, 160, 0, args.rows)           # several examples per row
         else:
             mbs = [pack_examples([e], 160, 0)[0] for e in exs]   # one example per row
         trainer = MegatronTrainer(chunks, OptimConfig(lr=1e-3, adam_eps=1e-3, clip_grad=0.0), total_steps=1)
