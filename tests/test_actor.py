@@ -173,3 +173,44 @@ def test_actor_stage_resume_equals_uninterrupted(advantage_dir, tiny_qwen2, torc
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     s = json.loads((full / "summary.json").read_text())
     assert s["actions"] > 0 and s["last"]["loss"] < s["first"]["loss"] * 1.5
+
+
+@pytest.mark.dist
+def test_two_nodes_on_one_machine_tp2_actor_matches_single_process(advantage_dir, tiny_qwen2, torchrun, tmp_path):
+    """Two launcher processes (``scripts/launch_torchrun.sh --nnodes 2``, node ranks 0 and 1, one process
+    each) rendezvous on 127.0.0.1 and train the actor with TP=2 across the "nodes": every step's loss and
+    the exported policy match a single-process TP=1 run."""
+    import os
+    import socket
+    import subprocess
+
+    from dapo_mcore.models.convert import iter_hf_tensors
+
+    root = Path(__file__).resolve().parent.parent
+    common = ["--adv", str(advantage_dir), "--init", str(tiny_qwen2), "--beta", "0.3", "--lr", "1e-4",
+              "--global-batch-actions", "128", "--token-budget", "256"]
+    single = tmp_path / "single"
+    torchrun("dapo_mcore.actor.train", 1, *common, "--out", single)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "WORLD_", "RANK", "LOCAL_RANK"))}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    two = tmp_path / "two"
+    procs = [subprocess.Popen(["bash", str(root / "scripts" / "launch_torchrun.sh"), "--nnodes", "2", "--node-rank",
+                               str(r), "--master-addr", "127.0.0.1", "--master-port", port, "--nproc-per-node", "1",
+                               "--tp", "2", "--", "python", "-m", "dapo_mcore.actor.train", *common, "--out", str(two)],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    la = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) >= 2
+    for a, b in zip(la, lb):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+        assert a["actions"] == b["actions"]
+    wa = {n: f() for n, f in iter_hf_tensors(single / "hf")}
+    wb = {n: f() for n, f in iter_hf_tensors(two / "hf")}
+    assert set(wa) == set(wb)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
