@@ -87,3 +87,19 @@ def test_flex_attention_forward_equals_dense_mask_attention():
         v.permute(1, 2, 0, 3).repeat_interleave(h // g, 1), attn_mask=mask)
     ref = ref.permute(2, 0, 1, 3).reshape(L, B, h * d)
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("tp", [1, 2])
+def test_flex_core_attention_in_megatron_equals_dense(tp, tiny_qwen2, torchrun, tmp_path):
+    """The megatron model built with the flex_attention core attention (the GPU shared-prefix path) gives
+    the dense-mask local attention's logits on packed rows (forward; flex has no CPU backward), and a
+    wrong mask changes them (the mask reaches the kernel)."""
+    import json
+
+    out = tmp_path / "flex.json"
+    torchrun("foundation_worker.py", tp, "flex", tp, 1, tiny_qwen2, out)
+    r = json.loads(out.read_text())
+    assert r["core"] == "FlexCoreAttention" and r["backend"] == "flex"
+    assert r["max_abs_diff"] <= 1e-5
+    assert r["wrong_mask_diff"] > 1e-2

@@ -38,27 +38,32 @@ class ValueHead(torch.nn.Module):
         return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
-def _layer_spec():
+def default_paths():
+    """The fast-path choice for this machine and the current TP size (``FastPathConfig()`` defaults)."""
+    from megatron.core import parallel_state as ps
+
+    from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
+
+    return resolve(FastPathConfig(), tp=ps.get_tensor_model_parallel_world_size())
+
+
+def _layer_spec(paths):
+    """The layer spec the fast-path switch chose (``paths``: a ``ResolvedPaths``). With
+    ``shared_prefix_attention == "flex"`` the core attention is ``FlexCoreAttention``."""
+    import copy
+
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-            return specs.get_gpt_layer_with_transformer_engine_spec()
-        except ImportError:
-            pass
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if paths.layer_spec == "transformer_engine":
+        spec = specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if paths.shared_prefix_attention == "flex":
+        from dapo_mcore.parallel.fast_paths import FlexCoreAttention
 
-
-def uses_te_spec() -> bool:
-    """True if models are built with the Transformer Engine layer spec (GPU with TE installed)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-        return True
-    except ImportError:
-        return False
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = FlexCoreAttention
+    return spec
 
 
 def _gpt_model_class():
@@ -73,6 +78,10 @@ def _gpt_model_class():
                     *args, output: str = "logits", **kwargs):
             if output not in ("logits", "hidden"):
                 raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+            if getattr(self, "attention_backend", "dense_mask") == "flex" and torch.is_tensor(attention_mask):
+                from dapo_mcore.parallel.fast_paths import block_mask_from_dense
+
+                attention_mask = block_mask_from_dense(attention_mask)
             self._output_mode = output
             self._position_ids = position_ids
             try:
@@ -108,7 +117,7 @@ def _gpt_model_class():
 
 def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_process: bool = True,
                 post_process: bool = True, vp_stage: Optional[int] = None, max_sequence_length: Optional[int] = None,
-                value_head_seed: int = 0):
+                value_head_seed: int = 0, paths=None):
     """One model chunk on this rank (``pre_process``/``post_process`` = first/last PP stage).
 
     Args:
@@ -116,15 +125,17 @@ def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_pr
         config: a megatron ``TransformerConfig`` (default: :func:`transformer_config` for the current layout).
         value_head: build the critic (scalar head, never tied to the embeddings).
         value_head_seed: seed of the head's fresh init (used when the checkpoint has no ``score``).
+        paths: the fast-path choice (:func:`dapo_mcore.parallel.fast_paths.resolve`; default: this machine's).
     """
     from megatron.core import parallel_state as ps
 
     if config is None:
         config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
                                     pp=ps.get_pipeline_model_parallel_world_size())
+    paths = paths if paths is not None else default_paths()
     cls = _gpt_model_class()
     model = cls(
-        config=config, transformer_layer_spec=_layer_spec(), vocab_size=arch.vocab_size,
+        config=config, transformer_layer_spec=_layer_spec(paths), vocab_size=arch.vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
@@ -135,10 +146,12 @@ def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_pr
     if value_head and post_process:
         model.output_layer = ValueHead(arch.hidden_size, config.params_dtype, arch.init_std, value_head_seed)
     model.is_value_model = value_head
+    model.attention_backend = paths.shared_prefix_attention
     return model
 
 
-def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False, value_head_seed: int = 0) -> list:
+def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False, value_head_seed: int = 0,
+                       paths=None) -> list:
     """All model chunks of this rank (one, or ``vpp`` with interleaved pipelining)."""
     from megatron.core import parallel_state as ps
 
@@ -149,8 +162,9 @@ def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False,
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None:
         return [build_model(arch, config, value_head=value_head, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), value_head_seed=value_head_seed)]
-    return [build_model(arch, config, value_head=value_head, value_head_seed=value_head_seed,
+                            post_process=ps.is_pipeline_last_stage(), value_head_seed=value_head_seed,
+                            paths=paths)]
+    return [build_model(arch, config, value_head=value_head, value_head_seed=value_head_seed, paths=paths,
                         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), vp_stage=i)
             for i in range(vpp)]

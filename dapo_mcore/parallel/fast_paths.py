@@ -169,3 +169,39 @@ def doc_part_of(rows) -> tuple[torch.Tensor, torch.Tensor]:
     for i, r in enumerate(rows):
         doc[i, :len(r)], part[i, :len(r)] = r.doc, r.part
     return doc, part
+
+
+def block_mask_from_dense(mask: torch.Tensor):
+    """A flex_attention ``BlockMask`` from a dense boolean mask ``[b, 1, L, L]`` (True = masked, megatron
+    convention): the block structure lets the kernel skip fully masked tiles."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed = ~mask[:, 0]
+    B, L, _ = allowed.shape
+
+    def mask_mod(b, h, q, kv):
+        return allowed[b, q, kv]
+
+    return create_block_mask(mask_mod, B, None, L, L, device=mask.device)
+
+
+class FlexCoreAttention(torch.nn.Module):
+    """megatron core-attention module running ``flex_attention`` with a ``BlockMask`` (GPU fast path for
+    packed and shared-prefix rows; forward also runs on CPU, backward does not). Drop-in for the
+    ``core_attention`` submodule of megatron's self-attention spec; ``attention_mask`` must be a BlockMask
+    (``DapoGPTModel`` converts the dense mask)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.config = config
+        if softmax_scale is not None and abs(softmax_scale - config.kv_channels ** -0.5) > 1e-12:
+            raise ValueError("FlexCoreAttention uses the default 1/sqrt(head_dim) softmax scale")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
+            raise ValueError("FlexCoreAttention has no attention dropout (DAPO trains with dropout 0)")
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("FlexCoreAttention takes neither packed_seq_params nor attention_bias")
+        return flex_core_attention(query, key, value, attention_mask)

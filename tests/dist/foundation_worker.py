@@ -6,6 +6,8 @@ Modes (argv[1]):
   packing   TP 1  MODEL OUT            block-diagonal and shared-prefix rows vs unpacked runs -> OUT json
   value     TP PP MODEL OUT            value model from a policy checkpoint -> HF export at OUT/hf, logits at
                                        OUT/values.pt; then re-imported from OUT/hf -> OUT/values2.pt
+  flex      TP 1  MODEL OUT            the flex_attention core attention (GPU fast path; forward only on CPU)
+                                       vs the dense-mask local attention on packed rows -> OUT json
   train     TP PP MODEL OUT [--steps N] [--save-at K --ckpt DIR] [--load DIR] [--vpp V]
             LM training steps on fixed synthetic batches; rank 0 writes OUT/losses.json and
             OUT/grads_step1.safetensors (HF-named gradients of the first step run)
@@ -197,6 +199,37 @@ def main() -> None:
         chunks2 = build_model_chunks(arch, cfg, value_head=True)
         load_hf_weights(chunks2, out / "hf", arch, init_value_head=False)
         torch.save({"values": pipeline_values(chunks2, batch)}, out / "values2.pt")
+    elif args.mode == "flex":
+        import dataclasses
+
+        from dapo_mcore.packing import RowBuilder, collate
+        from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
+
+        flex_paths = dataclasses.replace(resolve(FastPathConfig(), tp=args.tp, cuda=False),
+                                         shared_prefix_attention="flex")
+        flex = build_model_chunks(arch, cfg, paths=flex_paths)
+        load_hf_weights(flex, args.model, arch)
+        g = torch.Generator().manual_seed(9)
+        rnd = lambda n: torch.randint(2, arch.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+        r1, r2 = RowBuilder(), RowBuilder()
+        r1.add_state(rnd(9), [rnd(3), rnd(5)])
+        r1.add_example(rnd(6))
+        r2.add_state(rnd(4), [rnd(2), rnd(2), rnd(7)])
+        b = collate([r1.build(), r2.build()], pad_id=0)
+        with torch.no_grad():
+            dense = gather_full_logits(chunks[0](b["input_ids"], b["position_ids"], b["attention_mask"]))
+            fl = gather_full_logits(flex[0](b["input_ids"], b["position_ids"], b["attention_mask"]))
+            # a wrong mask (no causality) must change the flex output: the mask really reaches the kernel
+            nocausal = torch.zeros_like(b["attention_mask"])
+            wrong = gather_full_logits(flex[0](b["input_ids"], b["position_ids"], nocausal))
+        real = torch.zeros_like(b["input_ids"], dtype=torch.bool)
+        for i, n in enumerate(b["lengths"].tolist()):
+            real[i, :n] = True
+        if rank == 0:
+            out.write_text(json.dumps({"max_abs_diff": (dense - fl)[real].abs().max().item(),
+                                       "wrong_mask_diff": (wrong - fl)[real].abs().max().item(),
+                                       "backend": flex[0].attention_backend,
+                                       "core": type(flex[0].decoder.layers[0].self_attention.core_attention).__name__}))
     elif args.mode == "packing":
         result = packing_check(chunks[0], arch)
         if rank == 0:
