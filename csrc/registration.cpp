@@ -12,4 +12,14 @@ int64_t num_threads() { return static_cast<int64_t>(at::get_num_threads()); }
 
 TORCH_LIBRARY(dapo_mcore, m) {
   m.def("num_threads() -> int", &dapo::num_threads);
+  // Fused target log-prob over one vocab shard (csrc/target_logprob.cpp); see dapo_mcore/ops.
+  m.def("target_logprob_fwd(Tensor hidden, Tensor weight, Tensor targets, int vocab_start, int block_t, "
+        "int block_v) -> (Tensor, Tensor, Tensor)");
+  m.def("target_logprob_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_logp, "
+        "int vocab_start, int block_t, int block_v) -> (Tensor, Tensor)");
+  // DAPO loss fused with the per-action segment sums (csrc/dapo_loss.cpp).
+  m.def("dapo_loss_fwd(Tensor logp, Tensor ref_logp, Tensor segment_ids, Tensor advantages, float beta, "
+        "float normalizer) -> (Tensor, Tensor)");
+  m.def("dapo_loss_bwd(Tensor grad_loss, Tensor log_ratio, Tensor segment_ids, Tensor advantages, float beta, "
+        "float normalizer) -> Tensor");
 }

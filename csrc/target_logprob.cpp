@@ -1,0 +1,266 @@
+// CPU kernels of the fused target log-prob op (dapo_mcore::target_logprob_fwd / _bwd).
+//
+// logp[t] = z[t, y_t] - logsumexp_v z[t, v],  z = hidden @ weight^T, computed in
+// [block_t x block_v] tiles that never leave the cache: [T, V] is never materialised.
+// Threads (at::parallel_for) take vocab chunks dynamically; each keeps its own online
+// (max, sum-exp) per token, merged at the end, and its own grad_hidden partial sum. Chunk
+// GEMMs go to MKL via at::mm_out (one MKL thread per worker); the exp / max passes are
+// `omp simd` loops.
+// Accumulation dtype: float64 for float64 inputs, float32 otherwise (bf16/fp16 chunks are
+// upcast before the GEMM).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include "fast_exp.h"
+
+// MKL (statically inside libtorch_cpu) could otherwise start its own threads inside each of
+// our workers (nested oversubscription). Weak symbol: simply absent in builds without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace dapo {
+namespace {
+
+using at::Tensor;
+
+// Single-threaded BLAS for the chunk GEMMs of one at::parallel_for task (restored on exit).
+struct SerialBlas {
+  int prev = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Runs body(chunk) for chunk in [0, n_chunks) on all threads, handing chunks out dynamically
+// (an atomic counter): on a shared, noisy CPU a static split waits for the slowest thread.
+template <typename Init, typename Body>
+void for_each_chunk(int64_t n_chunks, const Init& init, const Body& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
+    SerialBlas serial;
+    auto state = init();
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(state, c);
+  });
+}
+
+
+void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t block_t,
+                  int64_t block_v) {
+  TORCH_CHECK(hidden.dim() == 2, "target_logprob: hidden must be [T, H], got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "target_logprob: weight must be [V_local, H], got ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "target_logprob: hidden [T, ", hidden.size(1),
+              "] and weight [V, ", weight.size(1), "] disagree on H");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "target_logprob: hidden (",
+              hidden.scalar_type(), ") and weight (", weight.scalar_type(), ") dtypes differ");
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "target_logprob: floating inputs required");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
+                  targets.scalar_type() == at::kLong,
+              "target_logprob: targets must be int64 [T=", hidden.size(0), "], got ",
+              targets.scalar_type(), " ", targets.sizes());
+  TORCH_CHECK(weight.size(0) >= 1, "target_logprob: empty vocab shard");
+  TORCH_CHECK(block_t >= 1 && block_v >= 1, "target_logprob: block sizes must be >= 1");
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
+              "target_logprob: CPU kernels got a non-CPU tensor");
+}
+
+at::ScalarType acc_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Row-major [rows, cols] tile view over the first rows*cols elements of a flat buffer.
+Tensor tile(const Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                            int64_t vocab_start, int64_t block_t, int64_t block_v) {
+  const int64_t T = hidden.size(0), V = weight.size(0);
+  const auto acc = acc_type(hidden);
+  const auto opts = hidden.options().dtype(acc);
+  Tensor h = hidden.detach().to(acc).contiguous();
+  Tensor w = weight.detach().contiguous();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  const int nthreads = at::get_num_threads();
+  // Per-thread online softmax state [nthreads, T].
+  std::vector<acc_t> run_max(static_cast<size_t>(nthreads) * T, -std::numeric_limits<acc_t>::infinity());
+  std::vector<acc_t> run_sum(static_cast<size_t>(nthreads) * T, acc_t(0));
+  Tensor tgt = at::zeros({T}, opts);
+  acc_t* tgt_p = tgt.data_ptr<acc_t>();
+  const int64_t n_chunks = (V + block_v - 1) / block_v;
+  const int64_t bt = std::min(block_t, std::max<int64_t>(T, 1));
+
+  struct FwdState {
+    acc_t* mx;
+    acc_t* sm;
+    Tensor buf, wbuf;
+  };
+  const bool upcast = weight.scalar_type() != acc;
+  for_each_chunk(
+      n_chunks,
+      [&] {
+        const int tid = at::get_thread_num();
+        return FwdState{run_max.data() + static_cast<size_t>(tid) * T,
+                        run_sum.data() + static_cast<size_t>(tid) * T, at::empty({bt * block_v}, opts),
+                        upcast ? at::empty({block_v * w.size(1)}, opts) : Tensor()};
+      },
+      [&](FwdState& st, int64_t c) {
+        acc_t* mx = st.mx;
+        acc_t* sm = st.sm;
+        const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
+        Tensor wc = w.narrow(0, v0, vc);
+        if (upcast) wc = tile(st.wbuf, vc, w.size(1)).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
+        for (int64_t t0 = 0; t0 < T; t0 += bt) {
+          const int64_t tb = std::min(bt, T - t0);
+          Tensor z = tile(st.buf, tb, vc);
+          at::mm_out(z, h.narrow(0, t0, tb), wc.t());
+          const acc_t* zp = z.data_ptr<acc_t>();
+          for (int64_t i = 0; i < tb; ++i) {
+            const acc_t* row = zp + i * vc;
+            const int64_t t = t0 + i;
+            acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < vc; ++j) m = std::max(m, row[j]);
+            const acc_t m_new = std::max(m, mx[t]);
+            acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < vc; ++j) s += exp_acc(row[j] - m_new);
+            sm[t] = sm[t] * exp_acc(mx[t] - m_new) + s;
+            mx[t] = m_new;
+            const int64_t col = y[t] - vocab_start - v0;
+            if (col >= 0 && col < vc) tgt_p[t] = row[col];  // exactly one chunk owns the target
+          }
+        }
+      });
+
+  Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
+  acc_t* om = out_max.data_ptr<acc_t>();
+  acc_t* os = out_sum.data_ptr<acc_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int k = 0; k < nthreads; ++k) m = std::max(m, run_max[static_cast<size_t>(k) * T + t]);
+    acc_t s = 0;
+    for (int k = 0; k < nthreads; ++k) {
+      const acc_t mk = run_max[static_cast<size_t>(k) * T + t];
+      if (mk != -std::numeric_limits<acc_t>::infinity()) s += run_sum[static_cast<size_t>(k) * T + t] * exp_acc(mk - m);
+    }
+    om[t] = m;
+    os[t] = s;
+  }
+  return {out_max, out_sum, tgt};
+}
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                    const Tensor& lse_in, const Tensor& grad_in, int64_t vocab_start,
+                                    int64_t block_t, int64_t block_v) {
+  const int64_t T = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto acc = acc_type(hidden);
+  const auto opts = hidden.options().dtype(acc);
+  Tensor h = hidden.detach().to(acc).contiguous();
+  Tensor w = weight.detach().contiguous();
+  Tensor lse = lse_in.to(acc).contiguous();
+  Tensor g = grad_in.to(acc).contiguous();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t* g_p = g.data_ptr<acc_t>();
+  const int nthreads = at::get_num_threads();
+  const bool direct_gw = weight.scalar_type() == acc;
+  Tensor grad_w = at::empty_like(w);
+  Tensor grad_h_parts = at::zeros({nthreads, T, H}, opts);
+  const int64_t n_chunks = (V + block_v - 1) / block_v;
+  const int64_t bt = std::min(block_t, std::max<int64_t>(T, 1));
+
+  struct BwdState {
+    Tensor gh, buf, buf_t, gw_buf, wbuf;
+  };
+  for_each_chunk(
+      n_chunks,
+      [&] {
+        return BwdState{grad_h_parts[at::get_thread_num()],
+                        at::empty({bt * block_v}, opts),
+                        at::empty({bt * block_v}, opts),  // G^T contiguous: MKL runs G^T @ h ~1.7x faster
+                        direct_gw ? Tensor() : at::empty({block_v * H}, opts),
+                        direct_gw ? Tensor() : at::empty({block_v * H}, opts)};
+      },
+      [&](BwdState& st, int64_t c) {
+        const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
+        Tensor wc = w.narrow(0, v0, vc);
+        if (!direct_gw) wc = tile(st.wbuf, vc, H).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
+        Tensor gwc = direct_gw ? grad_w.narrow(0, v0, vc) : tile(st.gw_buf, vc, H);
+        for (int64_t t0 = 0; t0 < T; t0 += bt) {
+          const int64_t tb = std::min(bt, T - t0);
+          Tensor z = tile(st.buf, tb, vc);
+          Tensor hb = h.narrow(0, t0, tb);
+          at::mm_out(z, hb, wc.t());
+          acc_t* zp = z.data_ptr<acc_t>();
+          // z <- g * (onehot(y) - softmax(z)) = g * dlogp/dz, in place.
+          for (int64_t i = 0; i < tb; ++i) {
+            acc_t* row = zp + i * vc;
+            const int64_t t = t0 + i;
+            const acc_t gi = y[t] < 0 ? acc_t(0) : g_p[t];
+            const acc_t l = lse_p[t];
+#pragma omp simd
+            for (int64_t j = 0; j < vc; ++j) row[j] = -gi * exp_acc(row[j] - l);
+            const int64_t col = y[t] - vocab_start - v0;
+            if (col >= 0 && col < vc) row[col] += gi;
+          }
+          Tensor zt = tile(st.buf_t, vc, tb);
+          zt.copy_(z.t());
+          if (t0 == 0)
+            at::mm_out(gwc, zt, hb);
+          else
+            gwc.addmm_(zt, hb);
+          st.gh.narrow(0, t0, tb).addmm_(z, wc);
+        }
+        if (T == 0) gwc.zero_();
+        if (!direct_gw) grad_w.narrow(0, v0, vc).copy_(gwc);
+      });
+  Tensor grad_h = grad_h_parts.sum(0).to(hidden.scalar_type());
+  return {grad_h, grad_w};
+}
+
+}  // namespace
+
+// Returns (max [T], sumexp [T], target_logit [T]) over this vocab shard, in the accumulation
+// dtype: sumexp is relative to max; target_logit is 0 where the target is outside the shard
+// [vocab_start, vocab_start + V_local) or negative (ignore index).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> target_logprob_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                  const at::Tensor& targets, int64_t vocab_start,
+                                                                  int64_t block_t, int64_t block_v) {
+  check_inputs(hidden, weight, targets, block_t, block_v);
+  if (hidden.scalar_type() == at::kDouble)
+    return fwd_impl<double>(hidden, weight, targets, vocab_start, block_t, block_v);
+  return fwd_impl<float>(hidden, weight, targets, vocab_start, block_t, block_v);
+}
+
+// Given the global lse [T] and dL/dlogp [T], returns (grad_hidden [T, H] of this shard's
+// vocab only, grad_weight [V_local, H]) in the input dtype. Rows with target < 0 get no gradient.
+std::tuple<at::Tensor, at::Tensor> target_logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight,
+                                                      const at::Tensor& targets, const at::Tensor& lse,
+                                                      const at::Tensor& grad_logp, int64_t vocab_start,
+                                                      int64_t block_t, int64_t block_v) {
+  check_inputs(hidden, weight, targets, block_t, block_v);
+  const int64_t T = hidden.size(0);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == T, "target_logprob_bwd: lse must be [T=", T, "]");
+  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == T, "target_logprob_bwd: grad_logp must be [T=", T, "]");
+  if (hidden.scalar_type() == at::kDouble)
+    return bwd_impl<double>(hidden, weight, targets, lse, grad_logp, vocab_start, block_t, block_v);
+  return bwd_impl<float>(hidden, weight, targets, lse, grad_logp, vocab_start, block_t, block_v);
+}
+
+}  // namespace dapo
+
+TORCH_LIBRARY_IMPL(dapo_mcore, CPU, m) {
+  m.impl("target_logprob_fwd", &dapo::target_logprob_fwd);
+  m.impl("target_logprob_bwd", &dapo::target_logprob_bwd);
+}

@@ -1,0 +1,34 @@
+"""The C++ CPU kernels (``torch.ops.dapo_mcore``, built from csrc/) behind the backend contract
+of :mod:`dapo_mcore.ops.reference`."""
+from __future__ import annotations
+
+import torch
+
+from dapo_mcore import _C
+
+BLOCK_T = 256  # tokens per tile: the [BLOCK_T, BLOCK_V] fp32 logits tile (512 KiB) stays in L2
+BLOCK_V = 512  # vocab rows per chunk (threads take whole chunks)
+
+
+def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                       block_t: int | None = None, block_v: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _C.load().target_logprob_fwd(hidden, weight, targets.long(), vocab_start,
+                                        block_t or BLOCK_T, block_v or BLOCK_V)
+
+
+def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                       grad_logp: torch.Tensor, vocab_start: int, block_t: int | None = None,
+                       block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _C.load().target_logprob_bwd(hidden, weight, targets.long(), lse, grad_logp, vocab_start,
+                                        block_t or BLOCK_T, block_v or BLOCK_V)
+
+
+def dapo_loss_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, segment_ids: torch.Tensor, advantages: torch.Tensor,
+                  beta: float, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _C.load().dapo_loss_fwd(logp, ref_logp, segment_ids.long(), advantages, beta, normalizer)
+
+
+def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids: torch.Tensor,
+                  advantages: torch.Tensor, beta: float, normalizer: float) -> torch.Tensor:
+    return _C.load().dapo_loss_bwd(grad_loss, log_ratio, segment_ids.long(), advantages, beta, normalizer)

@@ -1,0 +1,103 @@
+"""Plain PyTorch references of the fused ops (tests, the debugging fallback ``impl="reference"``).
+
+Two kinds live here:
+- the naive autograd formulas (:func:`naive_target_logprob`, :func:`dapo_loss_reference`) that
+  tests and ``scripts/bench_kernels.py`` compare against: they materialise ``[T, V]`` logits;
+- the backend functions (``target_logprob_fwd`` / ``target_logprob_bwd`` / ``dapo_loss_fwd`` /
+  ``dapo_loss_bwd``) with the same contract as the C++ and Triton kernels, so the reference can
+  stand in for them inside the autograd Functions (including the vocab-parallel TP path).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def naive_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T)[t, targets[t]]`` by autograd: hidden [T, H], weight [V, H],
+    targets int [T] (< 0: ignored, logp 0, no gradient) -> logp [T] in the accumulation dtype.
+
+    The logits GEMM runs in the input dtype (as the usual ``logits = h @ W.T`` path does); the
+    softmax in float32 (float64 for float64 inputs).
+    """
+    logits = hidden @ weight.t()
+    logp_all = torch.log_softmax(logits.to(acc_dtype(hidden.dtype)), dim=-1)
+    safe = targets.clamp_min(0).long()
+    logp = logp_all.gather(1, safe[:, None]).squeeze(1)
+    return torch.where(targets >= 0, logp, torch.zeros_like(logp))
+
+
+def dapo_loss_reference(logp: torch.Tensor, ref_logp: torch.Tensor, segment_ids: torch.Tensor,
+                        advantages: torch.Tensor, beta: float, normalizer: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DAPO loss by autograd: logp, ref_logp [T]; segment_ids int [T] in [-1, S); advantages [S].
+
+    Returns (loss = sum_s 1/2 (A_s/beta - r_s)^2 / normalizer, r [S] = per-action log-ratio).
+    """
+    acc = acc_dtype(logp.dtype)
+    keep = segment_ids >= 0
+    diff = (logp.to(acc) - ref_logp.to(acc))[keep]
+    ratio = torch.zeros(advantages.shape[0], dtype=acc, device=logp.device).index_add(
+        0, segment_ids[keep].long(), diff)
+    loss = 0.5 * ((advantages.to(acc) / beta - ratio) ** 2).sum() / normalizer
+    return loss, ratio
+
+
+# ---- backend contract (same as csrc/*.cpp and dapo_kernels) ----
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    acc = acc_dtype(hidden.dtype)
+    return hidden.to(acc) @ weight.to(acc).t()
+
+
+def _local_cols(targets: torch.Tensor, vocab_start: int, v_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    col = targets.long() - vocab_start
+    inside = (targets >= 0) & (col >= 0) & (col < v_local)
+    return col.clamp(0, v_local - 1), inside
+
+
+def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                       block_t: int | None = None, block_v: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max [T], sumexp [T] relative to max, target_logit [T], 0 outside the shard) of one shard."""
+    z = _logits(hidden, weight)
+    m = z.max(dim=1).values if z.shape[0] else z.new_zeros(0)
+    s = torch.exp(z - m[:, None]).sum(dim=1)
+    col, inside = _local_cols(targets, vocab_start, weight.shape[0])
+    tgt = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), torch.zeros_like(m))
+    return m, s, tgt
+
+
+def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                       grad_logp: torch.Tensor, vocab_start: int, block_t: int | None = None,
+                       block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype."""
+    acc = acc_dtype(hidden.dtype)
+    z = _logits(hidden, weight)
+    col, inside = _local_cols(targets, vocab_start, weight.shape[0])
+    g = torch.where(targets >= 0, grad_logp.to(acc), torch.zeros((), dtype=acc, device=z.device))
+    grad_z = -g[:, None] * torch.exp(z - lse.to(acc)[:, None])
+    grad_z.scatter_add_(1, col[:, None], torch.where(inside, g, torch.zeros_like(g))[:, None])
+    grad_h = grad_z @ weight.to(acc)
+    grad_w = grad_z.t() @ hidden.to(acc)
+    return grad_h.to(hidden.dtype), grad_w.to(weight.dtype)
+
+
+def dapo_loss_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, segment_ids: torch.Tensor, advantages: torch.Tensor,
+                  beta: float, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [], log_ratio [S]) without autograd."""
+    with torch.no_grad():
+        return dapo_loss_reference(logp, ref_logp, segment_ids, advantages, beta, normalizer)
+
+
+def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids: torch.Tensor,
+                  advantages: torch.Tensor, beta: float, normalizer: float) -> torch.Tensor:
+    """dL/dlogp [T] = -grad_loss (A_s/beta - r_s) / normalizer on tokens of action s, else 0."""
+    coef = -grad_loss.to(log_ratio.dtype) * (advantages.to(log_ratio.dtype) / beta - log_ratio) / normalizer
+    seg = segment_ids.long()
+    return torch.where(seg >= 0, coef[seg.clamp_min(0)] if coef.numel() else torch.zeros_like(seg, dtype=coef.dtype),
+                       torch.zeros((), dtype=coef.dtype, device=coef.device))

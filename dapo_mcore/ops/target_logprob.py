@@ -1,0 +1,85 @@
+"""Fused per-token target log-prob: ``logp[t] = log_softmax(hidden @ weight.T)[t, targets[t]]``
+without materialising ``[T, V]`` logits (chunked GEMM + online log-sum-exp; the backward
+recomputes each chunk's softmax).
+
+Tensor parallel (Megatron vocab-parallel output layer): ``weight`` is this rank's vocab shard
+``[V_local, H]`` covering ids ``[rank * V_local, (rank + 1) * V_local)``; per-shard max and
+sum-exp are all-reduced (MAX, then SUM) over ``tp_group``, targets outside the shard contribute
+nothing, and the backward all-reduces grad_hidden, so it returns the FULL gradient of hidden.
+The caller must therefore NOT also wrap hidden in Megatron's
+``copy_to_tensor_model_parallel_region`` (that would all-reduce it twice).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dapo_mcore.ops.dispatch import backend, resolve_impl
+
+
+class _TargetLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, tp_group, impl, block_t, block_v):
+        be = backend(impl)
+        vocab_start = dist.get_rank(tp_group) * weight.shape[0] if tp_group is not None else 0
+        m, s, tgt = be.target_logprob_fwd(hidden, weight, targets, vocab_start, block_t, block_v)
+        if tp_group is not None:
+            m_all = m.clone()
+            dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=tp_group)
+            s = s * torch.exp(m - m_all)
+            dist.all_reduce(s, group=tp_group)
+            dist.all_reduce(tgt, group=tp_group)
+            m = m_all
+        lse = m + torch.log(s)
+        logp = torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse))
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.cfg = (tp_group, impl, block_t, block_v, vocab_start)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        tp_group, impl, block_t, block_v, vocab_start = ctx.cfg
+        grad_h, grad_w = backend(impl).target_logprob_bwd(
+            hidden, weight, targets, lse, grad_logp.contiguous(), vocab_start, block_t, block_v)
+        if tp_group is not None:
+            dist.all_reduce(grad_h, group=tp_group)
+        return (grad_h if ctx.needs_input_grad[0] else None,
+                grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+
+
+def fused_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         tp_group: dist.ProcessGroup | None = None, *, impl: str | None = None,
+                         block_t: int | None = None, block_v: int | None = None) -> torch.Tensor:
+    """Log-prob of each target token under ``softmax(hidden @ weight.T)``, differentiable.
+
+    Args:
+        hidden: [T, H] float (bf16/fp16/fp32/fp64), the last hidden states.
+        weight: [V_local, H] same dtype, the output layer (this rank's vocab shard under TP).
+        targets: int [T] global token ids; ``< 0`` is the ignore index (logp 0, no gradient).
+            Ignored rows are dropped before the kernels run, so state tokens cost nothing.
+        tp_group: tensor-parallel group (None: the weight is the whole vocab).
+        impl: ``"triton"``/``"cpp"``/``"reference"``/``"auto"`` (default: $DAPO_OPS_IMPL or auto).
+        block_t, block_v: tile sizes (None: the backend's defaults / autotune).
+
+    Returns:
+        logp [T] float32 (float64 for float64 inputs). Backward gives grad_hidden [T, H]
+        (full, all-reduced over tp_group) and grad_weight [V_local, H] in the input dtypes.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_target_logprob: need hidden [T, H] and weight [V, H], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.dtype.is_floating_point:
+        raise ValueError(f"fused_target_logprob: targets must be an int tensor [T={hidden.shape[0]}], "
+                         f"got {targets.dtype} {tuple(targets.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"fused_target_logprob: hidden {hidden.dtype} and weight {weight.dtype} differ")
+    name = resolve_impl(impl, hidden.device)
+    targets = targets.long()
+    active = targets >= 0
+    if bool(active.all()):
+        return _TargetLogprob.apply(hidden, weight, targets, tp_group, name, block_t, block_v)
+    idx = active.nonzero().squeeze(1)
+    logp_active = _TargetLogprob.apply(hidden.index_select(0, idx), weight, targets.index_select(0, idx),
+                                       tp_group, name, block_t, block_v)
+    return logp_active.new_zeros(targets.shape[0]).index_copy(0, idx, logp_active)

@@ -1,0 +1,246 @@
+"""Benchmark of the fused target log-prob op against the naive PyTorch path.
+
+naive: ``logits = h @ W.T; log_softmax(logits.float()); gather`` (autograd), materialising [T, V].
+fused: :func:`dapo_mcore.ops.fused_target_logprob` (C++ on CPU, Triton on CUDA).
+
+Each (variant, mode, dtype) runs in a fresh subprocess so the CPU peak memory is the process's
+RSS high-water mark (``ru_maxrss``) minus the mark right after the inputs were allocated;
+fwd+bwd includes the gradient tensors both variants create (grad_hidden, grad_weight); the last
+column also gives the ratio of the memory beyond those outputs (fp32 grad_weight alone is 544 MiB
+at V=151936, H=896, so it bounds the plain ratio from below).
+Time is the minimum over the repeats (after one warm-up run unless --quick) and over `rounds`
+alternating processes; CPU-s (process CPU time, all threads) is printed too: on a shared,
+loaded CPU it is a steadier measure of the work each variant does than wall time.
+
+    python scripts/bench_kernels.py --quick     # CPU, T=512 (a few minutes on 2 cores)
+    python scripts/bench_kernels.py             # CPU shape T=2048 H=896 V=151936 (Qwen2.5-0.5B), fp32+bf16
+On a CUDA machine it also runs the paper-scale shapes (T=8192, H=3584/8192, V=152064, TP=1/8:
+TP=8 is simulated on one GPU by its local vocab shard). It always prints an H100 roofline.
+Ends with ``RESULT <name> <value> <unit>`` lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+H100 = {"bf16_flops": 989e12, "hbm_bytes_per_s": 3.35e12, "name": "H100 SXM (dense bf16 989 TFLOP/s, 3.35 TB/s)"}
+
+
+@dataclass
+class Case:
+    T: int
+    H: int
+    V: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    variant: str = "fused"   # fused | naive
+    mode: str = "fwd_bwd"    # fwd | fwd_bwd
+    warmup: int = 1
+    repeats: int = 2
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def run_case(c: Case) -> dict:
+    """Run one case in this process; returns times (s) and peak memory (MiB)."""
+    import torch
+
+    from dapo_mcore.ops import fused_target_logprob
+    from dapo_mcore.ops.reference import naive_target_logprob
+
+    dev = torch.device(c.device)
+    torch.manual_seed(0)
+    # Filled in place: no transient copies that would raise the RSS high-water mark before the baseline.
+    h = torch.empty(c.T, c.H, dtype=_dtype(c.dtype), device=dev).normal_(0.0, 0.5).requires_grad_()
+    w = torch.empty(c.V, c.H, dtype=_dtype(c.dtype), device=dev).normal_(0.0, 0.05).requires_grad_()
+    y = torch.randint(0, c.V, (c.T,), device=dev)
+    g = torch.randn(c.T, device=dev)
+    fn = fused_target_logprob if c.variant == "fused" else naive_target_logprob
+
+    def step() -> None:
+        if c.mode == "fwd":
+            with torch.no_grad():
+                fn(h, w, y)
+        else:
+            (fn(h, w, y) * g).sum().backward()
+            h.grad = None
+            w.grad = None
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, cpu = [], []
+    for i in range(c.warmup + c.repeats):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        sync()
+        if i >= c.warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    if dev.type == "cuda":
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    return {"case": asdict(c), "time_s": min(times), "cpu_s": min(cpu), "peak_mib": peak_mib}
+
+
+def spawn(c: Case) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(c))], env=env, cwd=ROOT,
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def roofline(T: int, H: int, V: int, tp: int, bytes_el: int = 2) -> dict:
+    """H100 estimates of fwd+bwd (per TP rank, bf16 inputs).
+
+    naive: 3 GEMMs plus separate memory-bound kernels over fp32 [T, V/tp] buffers (logits cast,
+    log_softmax, gather backward, log_softmax backward: ~8 passes); unfused kernels run one after
+    another, so time = GEMM time + pass time. fused: 4 GEMMs (the backward recomputes the logits)
+    with the softmax work in registers; its only HBM traffic is weights and activations, so
+    time = max(FLOP time, byte time).
+    """
+    v = V // tp
+    gemm = 2.0 * T * v * H
+    w_bytes, h_bytes, l32 = v * H * bytes_el, T * H * bytes_el, T * v * 4
+    naive_pass_bytes = 8 * l32
+    naive_gemm_bytes = 4 * w_bytes + 3 * h_bytes
+    fused_bytes = 5 * w_bytes + 3 * h_bytes  # W read in fwd, recompute, dgrad; grad W read+written
+    naive_ms = 1e3 * (max(3 * gemm / H100["bf16_flops"], naive_gemm_bytes / H100["hbm_bytes_per_s"])
+                      + naive_pass_bytes / H100["hbm_bytes_per_s"])
+    fused_ms = 1e3 * max(4 * gemm / H100["bf16_flops"], fused_bytes / H100["hbm_bytes_per_s"])
+    return {"naive": {"tflop": 3 * gemm / 1e12, "gbytes": (naive_pass_bytes + naive_gemm_bytes) / 1e9, "ms": naive_ms},
+            "fused": {"tflop": 4 * gemm / 1e12, "gbytes": fused_bytes / 1e9, "ms": fused_ms}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| shape (T, H, V) | dtype | mode | naive time (s) | fused time (s) | speedup | naive CPU-s | fused CPU-s | "
+             "CPU-s ratio | naive peak (MiB) | fused peak (MiB) | mem ratio | mem ratio beyond grad outputs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']}, {r['H']}, {r['V']} | {r['dtype']} | {r['mode']} | {r['naive_s']:.3f} | "
+                     f"{r['fused_s']:.3f} | {r['speedup']:.2f}x | {r['naive_cpu_s']:.2f} | {r['fused_cpu_s']:.2f} | "
+                     f"{r['cpu_speedup']:.2f}x | {r['naive_mib']:.0f} | {r['fused_mib']:.0f} | "
+                     f"{r['mem_ratio']:.3f} | {r['mem_ratio_excl_grads']:.3f} |")
+    return "\n".join(lines)
+
+
+def _excl_grads(row: dict) -> dict:
+    """Peak memory beyond the gradient outputs both variants must return (fwd+bwd only):
+    grad_weight [V, H] and grad_hidden [T, H] in the input dtype."""
+    if row["mode"] != "fwd_bwd":
+        return {"grads_mib": 0.0, "mem_ratio_excl_grads": row["mem_ratio"]}
+    el = 2 if row["dtype"] in ("bfloat16", "float16") else 4
+    grads = (row["V"] + row["T"]) * row["H"] * el / 2**20
+    return {"grads_mib": grads, "mem_ratio_excl_grads": max(row["fused_mib"] - grads, 0.0)
+            / max(row["naive_mib"] - grads, 1e-9)}
+
+
+def compare(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int) -> list[dict]:
+    """naive vs fused; variants alternate over `rounds` fresh processes and the best run counts,
+    so a burst of load from other jobs on a shared CPU does not land on one variant only."""
+    rows = []
+    for mode in ("fwd", "fwd_bwd"):
+        res: dict[str, list[dict]] = {"naive": [], "fused": []}
+        for _ in range(rounds):
+            for v in ("naive", "fused"):
+                res[v].append(spawn(Case(T, H, V, dtype, device, v, mode, warmup, repeats)))
+        best = {v: {"time_s": min(r["time_s"] for r in rs), "cpu_s": min(r["cpu_s"] for r in rs),
+                    "peak_mib": max(r["peak_mib"] for r in rs)} for v, rs in res.items()}
+        rows.append({"T": T, "H": H, "V": V, "dtype": dtype, "mode": mode, "device": device,
+                     "naive_s": best["naive"]["time_s"], "fused_s": best["fused"]["time_s"],
+                     "naive_cpu_s": best["naive"]["cpu_s"], "fused_cpu_s": best["fused"]["cpu_s"],
+                     "speedup": best["naive"]["time_s"] / best["fused"]["time_s"],
+                     "cpu_speedup": best["naive"]["cpu_s"] / max(best["fused"]["cpu_s"], 1e-9),
+                     "naive_mib": best["naive"]["peak_mib"], "fused_mib": best["fused"]["peak_mib"],
+                     "mem_ratio": best["fused"]["peak_mib"] / max(best["naive"]["peak_mib"], 1e-9)})
+        rows[-1].update(_excl_grads(rows[-1]))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU only, T=512, fp32, one timed run per variant")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help="also write all rows here")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_case(Case(**json.loads(args.worker)))))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
+          f"{Path('/proc/loadavg').read_text().split()[:3] if Path('/proc/loadavg').exists() else '?'}", flush=True)
+    print(table([]))
+    if args.quick:
+        cpu_rows = compare(512, 896, 151936, "float32", "cpu", warmup=0, repeats=1, rounds=1)
+    else:
+        cpu_rows = compare(2048, 896, 151936, "float32", "cpu", warmup=1, repeats=1, rounds=2)
+        cpu_rows += compare(2048, 896, 151936, "bfloat16", "cpu", warmup=1, repeats=1, rounds=2)
+    gpu_rows = []
+    if torch.cuda.is_available() and not args.quick:
+        for H in (3584, 8192):
+            for tp in (1, 8):
+                gpu_rows += compare(8192, H, 152064 // tp, "bfloat16", "cuda", warmup=2, repeats=5, rounds=1)
+
+    print(f"\nRoofline estimate on {H100['name']}, fwd+bwd per TP rank, bf16 inputs "
+          "(naive: GEMM time + its unfused [T, V] passes; fused: max(FLOP time, HBM time)):")
+    print("| T | H | V | TP | naive TFLOP | naive GB | naive ms | fused TFLOP | fused GB | fused ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for H in (3584, 8192):
+        for tp in (1, 8):
+            e = roofline(8192, H, 152064, tp)
+            print(f"| 8192 | {H} | 152064 | {tp} | {e['naive']['tflop']:.2f} | {e['naive']['gbytes']:.1f} | "
+                  f"{e['naive']['ms']:.2f} | {e['fused']['tflop']:.2f} | {e['fused']['gbytes']:.1f} | "
+                  f"{e['fused']['ms']:.2f} |")
+    if Path("/proc/loadavg").exists():
+        print(f"load average at the end: {Path('/proc/loadavg').read_text().split()[:3]} (other jobs on a shared "
+              "CPU inflate both variants' times)")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_rows, "gpu": gpu_rows}, indent=1))
+
+    fb = [r for r in cpu_rows if r["mode"] == "fwd_bwd"]
+    head = fb[0]
+    tag = "cpu_quick" if args.quick else "cpu"
+    fwd = [r for r in cpu_rows if r["mode"] == "fwd"][0]
+    print(f"RESULT {tag}_fwd_speedup {fwd['speedup']:.2f} x")
+    print(f"RESULT {tag}_fwd_bwd_speedup {head['speedup']:.2f} x")
+    print(f"RESULT {tag}_fwd_bwd_cpu_time_ratio {head['cpu_speedup']:.2f} x")
+    print(f"RESULT {tag}_peak_mem_ratio {head['mem_ratio']:.3f} x")
+    print(f"RESULT {tag}_peak_mem_ratio_beyond_grad_outputs {head['mem_ratio_excl_grads']:.3f} x")
+    for r in fb[1:]:
+        print(f"RESULT {tag}_{r['dtype']}_fwd_bwd_speedup {r['speedup']:.2f} x")
+        print(f"RESULT {tag}_{r['dtype']}_fwd_bwd_cpu_time_ratio {r['cpu_speedup']:.2f} x")
+        print(f"RESULT {tag}_{r['dtype']}_peak_mem_ratio {r['mem_ratio']:.3f} x")
+        print(f"RESULT {tag}_{r['dtype']}_peak_mem_ratio_beyond_grad_outputs {r['mem_ratio_excl_grads']:.3f} x")
+    for r in gpu_rows:
+        if r["mode"] == "fwd_bwd":
+            print(f"RESULT gpu_T{r['T']}_H{r['H']}_V{r['V']}_fwd_bwd_speedup {r['speedup']:.2f} x")
+            print(f"RESULT gpu_T{r['T']}_H{r['H']}_V{r['V']}_peak_mem_ratio {r['mem_ratio']:.3f} x")
+
+
+if __name__ == "__main__":
+    main()
