@@ -63,7 +63,7 @@ for ((i = 0; i < SERVERS; i++)); do
   for a in "${EXTRA[@]}"; do cmd+=" $(printf %q "$a")"; done
   SERVER_CMDS+=("$cmd")
 done
-ROUTER_CMD="sglang-router launch --host $HOST --port $ROUTER_PORT --worker-urls ${URLS[*]} --policy cache_aware"
+ROUTER_CMD="sglang-router launch --host $HOST --port $ROUTER_PORT --worker-urls ${URLS[*]} --policy cache_aware --prometheus-host $HOST"
 
 if [[ $DRY -eq 1 ]]; then
   printf '%s\n' "${SERVER_CMDS[@]}"

@@ -19,7 +19,7 @@ def test_dry_run_two_servers_tp2_with_router():
     assert lines[1].startswith("CUDA_VISIBLE_DEVICES=2,3 ") and "--port 30002" in lines[1]
     assert all("--tp-size 2" in x and "--context-length 4096" in x for x in lines[:2])
     assert lines[2] == ("sglang-router launch --host 127.0.0.1 --port 30000 --worker-urls "
-                        "http://127.0.0.1:30001 http://127.0.0.1:30002 --policy cache_aware")
+                        "http://127.0.0.1:30001 http://127.0.0.1:30002 --policy cache_aware --prometheus-host 127.0.0.1")
     assert lines[3] == "# rollout backend url: http://127.0.0.1:30000"
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
 
 from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
 

@@ -40,7 +40,7 @@ def comparison_markdown(cmp: dict) -> str:
     """Accuracy table (rows = sets, columns = models, ``acc% [lo, hi]``) and a paired-difference table."""
     labels, sets = cmp["models"], cmp["sets"]
     conf = next(iter(cmp["accuracy"][labels[0]].values()))["confidence"] if sets else 0.95
-    head = f"| set | n | " + " | ".join(labels) + " |\n|---|---|" + "---|" * len(labels) + "\n"
+    head = "| set | n | " + " | ".join(labels) + " |\n|---|---|" + "---|" * len(labels) + "\n"
     rows = []
     for s in sets:
         cells = []

@@ -7,11 +7,19 @@ or list; ``return_logprob``, ``top_logprobs_num``, ``rid``), ``GET /health``, ``
 ``/server_info``). Concurrent ``/generate`` requests are gathered for ``batch_window_s`` and run
 as one engine batch (up to ``max_batch_requests``).
 
+Request log: every answered ``/generate`` is recorded as ``{"seq", "prompts", "n", "samples"}``
+(``prompts``: :func:`prompt_key` of each prompt; ``samples``: samples returned) in a bounded
+``request_log``; ``/get_server_info`` reports it with ``requests_served``, so a test (or an
+operator) can see from the server's side which prompts, and how many of their samples, it served,
+e.g. behind ``sglang-router``.
+
 ``python -m dapo_mcore.rollout.server --model PATH --port P`` serves until interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
 import json
 import queue
 import threading
@@ -22,21 +30,29 @@ from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
 
 
+def prompt_key(input_ids: list[int]) -> str:
+    """Short stable id of one prompt's token ids (16 hex chars of a SHA-1) for the request log."""
+    return hashlib.sha1(",".join(map(str, input_ids)).encode()).hexdigest()[:16]
+
+
 class _Job:
     def __init__(self, reqs: list[GenRequest]):
         self.reqs, self.done, self.result, self.error = reqs, threading.Event(), None, None
 
 
 class EmbeddedServer:
-    """Serve ``engine`` on ``host:port`` (``port=0``: a free port) from a background thread."""
+    """Serve ``engine`` on ``host:port`` (``port=0``: a free port) from a background thread.
+    ``request_log_size``: how many of the latest ``/generate`` requests ``request_log`` keeps."""
 
     def __init__(self, engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0,
-                 batch_window_s: float = 0.005, max_batch_requests: int = 64):
+                 batch_window_s: float = 0.005, max_batch_requests: int = 64, request_log_size: int = 4096):
         self.engine, self.batch_window_s, self.max_batch_requests = engine, batch_window_s, max_batch_requests
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.requests_served = 0
+        self._log: collections.deque[dict] = collections.deque(maxlen=request_log_size)
+        self._log_lock = threading.Lock()
         self._threads = [threading.Thread(target=self.httpd.serve_forever, daemon=True),
                          threading.Thread(target=self._batch_loop, daemon=True)]
 
@@ -56,6 +72,18 @@ class EmbeddedServer:
         self.jobs.put(None)
         for t in self._threads:
             t.join(timeout=10)
+
+    @property
+    def request_log(self) -> list[dict]:
+        """The latest answered ``/generate`` requests, oldest first (see module doc)."""
+        with self._log_lock:
+            return list(self._log)
+
+    def _record(self, reqs: list[GenRequest], samples: int) -> None:
+        with self._log_lock:
+            self.requests_served += 1
+            self._log.append({"seq": self.requests_served, "prompts": [prompt_key(r.input_ids) for r in reqs],
+                              "n": reqs[0].params.n, "samples": samples})
 
     def __enter__(self):
         return self.start()
@@ -148,7 +176,8 @@ class EmbeddedServer:
                 if path in ("/get_server_info", "/server_info"):
                     return {"version": "dapo-mcore-embedded", "model_path": e.cfg.model_path,
                             "engine": asdict(e.cfg), "stats": e.stats.as_dict(),
-                            "max_total_num_tokens": e.max_context, "disable_radix_cache": not e.cfg.prefix_reuse}
+                            "max_total_num_tokens": e.max_context, "disable_radix_cache": not e.cfg.prefix_reuse,
+                            "requests_served": server.requests_served, "request_log": server.request_log}
                 return None
 
             def do_GET(self):
@@ -180,8 +209,8 @@ class EmbeddedServer:
                 if job.error is not None:
                     code = 400 if isinstance(job.error, ValueError) else 500
                     return self._send(code, {"error": {"message": str(job.error)}})
-                server.requests_served += 1
                 flat = [s for samples in job.result for s in samples]
+                server._record(reqs, len(flat))
                 self._send(200, flat if (batched or len(flat) > 1) else flat[0])
 
         return Handler

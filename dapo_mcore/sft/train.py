@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from dapo_mcore.packing import RowBuilder, batch_rows, dp_share, first_fit_decreasing
 from dapo_mcore.parallel.runtime import ParallelConfig

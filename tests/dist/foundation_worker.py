@@ -136,7 +136,6 @@ def pipeline_values(chunks, batches) -> torch.Tensor | None:
     """Forward-only value logits [b, s] through the pipeline schedule (returned on every rank)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    outs = []
 
     def step(data_iterator, model):
         b = next(data_iterator)
