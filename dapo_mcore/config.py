@@ -25,6 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from dapo_mcore.critic.train import CriticConfig
+from dapo_mcore.sft.train import SFTConfig
 from dapo_mcore.eval.evaluate import EvalConfig
 from dapo_mcore.rollout.generate import GenerateConfig
 from dapo_mcore.rollout.mc import MCConfig
@@ -97,6 +98,7 @@ class RunConfig:
     advantage: Any = None   # dapo_mcore.actor.advantage.AdvantageConfig (see section_types())
     actor: Any = None       # dapo_mcore.actor.train.ActorConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rft: SFTConfig = field(default_factory=SFTConfig)   # the rejection-sampling fine-tuning control
 
     def __post_init__(self):
         for name, typ in section_types().items():
@@ -120,6 +122,8 @@ PIPELINE_FILLED: dict[str, str] = {
     "advantage.reference_path": "the iteration's reference policy",
     "actor.init_path": "the iteration's reference policy",
     "actor.seed": "run.seed",
+    "rft.init_path": "the iteration's reference policy",
+    "rft.seed": "run.seed",
     "eval.verifier": "generate.verifier",
     "eval.verify_timeout_s": "generate.verify_timeout_s",
     "eval.prompt_template": "generate.prompt_template",
@@ -141,7 +145,7 @@ def section_types() -> dict[str, Optional[type]]:
     """Section name -> dataclass; ``None`` for a stage whose module is not installed yet."""
     out: dict[str, Optional[type]] = {"run": RunSection, "model": ModelSection, "data": DataSection,
                                       "toy": ToySection, "generate": GenerateConfig, "mc": MCConfig,
-                                      "critic": CriticConfig, "eval": EvalConfig}
+                                      "critic": CriticConfig, "eval": EvalConfig, "rft": SFTConfig}
     try:
         from dapo_mcore.actor.advantage import AdvantageConfig
     except ImportError:

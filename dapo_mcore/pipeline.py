@@ -17,8 +17,9 @@ compute ``seconds``. On re-run a stage is
 
 Iteration k+1 uses iteration k's actor ``hf/`` as reference, generator and completer. Controls
 (``run.controls``): ``outcome`` runs ``advantage-outcome`` + ``actor-outcome`` (advantages from the
-MC completions' outcomes instead of the critic); ``rft`` (rejection-sampling fine-tuning) needs an
-SFT path in the actor trainer and is reported as not run when there is none.
+MC completions' outcomes instead of the critic); ``rft`` runs ``rft-generate`` (the reference samples
+each training problem with the same total generation budget as DAPO's generate + mc stages) and ``rft``
+(SFT of the reference on its distinct verified-correct samples, ``rft`` config section).
 
 Distributed stages (critic, advantage, actor) run in-process (a 1-process group) when they need one
 process, else under ``torchrun --standalone`` with ``python -m dapo_mcore.cli _worker JOB``.
@@ -41,7 +42,7 @@ from dapo_mcore.config import RunConfig, dump_config, section_types, to_dict
 from dapo_mcore.data.shards import atomic_write_json, file_sha256, input_identity, load_manifest
 
 STAMP = "stage.json"
-DISTRIBUTED = ("critic", "advantage", "actor")
+DISTRIBUTED = ("critic", "advantage", "actor", "rft")
 # Fields that do not change a stage's results (excluded from its digest).
 NON_IDENTITY = {"show_progress", "tensorboard", "max_steps", "save_interval", "batch_requests"}
 # Input paths the pipeline fills: their content identity is in the digest's inputs, not their location.
@@ -164,6 +165,9 @@ def _fn(stage: str) -> Callable:
     if stage == "actor":
         from dapo_mcore.actor.train import run_train_actor
         return run_train_actor
+    if stage == "rft":
+        from dapo_mcore.sft.train import run_rft
+        return run_rft
     raise PipelineError(f"unknown stage function {stage!r}")
 
 
@@ -272,7 +276,7 @@ class Pipeline:
         if "outcome" in self.cfg.run.controls:
             u += ["advantage-outcome", "actor-outcome"]
         if "rft" in self.cfg.run.controls:
-            u += ["rft"]
+            u += ["rft-generate", "rft"]
         if "eval" in st:
             u += ["eval"]
         return u
@@ -330,6 +334,20 @@ class Pipeline:
             cfg = self._fill(c.actor, init_path=ref, seed=seed)
             return "actor", cfg, [str(adv), str(d(unit))], {"advantage": self._output_id(adv),
                                                            "init": self._model_id(ref)}
+        if unit == "rft-generate":
+            # the same generation budget as DAPO's generate + mc stages, spread over the training problems
+            budget = sum(json.loads((d(s) / "summary.json").read_text())["throughput"]["samples"]
+                         for s in ("generate", "mc"))
+            n_prob = json.loads((d("generate") / "summary.json").read_text())["problems"]
+            k_rft = max(1, round(budget / max(n_prob, 1)))
+            cfg = self._fill(c.generate, problems=self.train_set, model_path=ref, seed=seed + 17, num_samples=k_rft,
+                             keep=k_rft)
+            return "generate", cfg, [str(d(unit))], {"problems": file_sha256(self.train_set),
+                                                     "model": self._model_id(ref), "budget": budget}
+        if unit == "rft":
+            cfg = self._fill(c.rft, init_path=ref, seed=seed)
+            return "rft", cfg, [str(d("rft-generate")), str(d(unit))], {"rft-generate": self._shard_id(d("rft-generate")),
+                                                                         "init": self._model_id(ref)}
         raise PipelineError(f"unknown stage {unit!r}")
 
     def eval_config(self):
@@ -366,14 +384,14 @@ class Pipeline:
     # -- status / run ---------------------------------------------------------------------------
     def check_outputs(self, unit: str, path: Path) -> None:
         """Raise PipelineError unless the stage's outputs are complete and intact."""
-        if unit in ("generate", "mc") or (unit.startswith("advantage") and (path / "manifest.json").is_file()):
+        if unit in ("generate", "mc", "rft-generate") or (unit.startswith("advantage") and (path / "manifest.json").is_file()):
             verify_sharded(path)
-        if unit.startswith(("critic", "actor", "advantage")):
+        if unit.startswith(("critic", "actor", "advantage")) or unit == "rft":
             try:
                 json.loads((path / "summary.json").read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise PipelineError(f"{path / 'summary.json'}: missing or unreadable ({e})") from None
-        if unit.startswith(("critic", "actor")):
+        if unit.startswith(("critic", "actor")) or unit == "rft":
             verify_hf_checkpoint(path / "hf")
         if unit == "eval-model":
             from dapo_mcore.eval.evaluate import load_results
@@ -421,11 +439,6 @@ class Pipeline:
             self.prepare(echo=False)
         if unit == "eval":
             return self.run_eval(k, force=force)
-        if unit == "rft":
-            note = ("not run: rejection-sampling fine-tuning needs an SFT path in dapo_mcore.actor.train "
-                    "(run_sft), which this version does not have")
-            self.log(f"[iter {k}] rft: {note}")
-            return self._record(StageResult(k, unit, "not run", 0.0, note))
         path = self.stage_dir(k, unit)
         kind, cfg, args, ident = self.stage_plan(k, unit)
         dig = digest({"stage": unit, "config": _stage_identity(cfg), "inputs": ident})
@@ -468,7 +481,7 @@ class Pipeline:
     def eval_models(self, k: int) -> dict[str, str]:
         """Label -> checkpoint compared in iteration ``k``'s eval (reference first)."""
         models = {"reference": self.policy(k)}
-        for unit, label in (("actor", "dapo"), ("actor-outcome", "outcome-only")):
+        for unit, label in (("actor", "dapo"), ("actor-outcome", "outcome-only"), ("rft", "rft")):
             st = _read_stamp(self.stage_dir(k, unit))
             if unit in self.units() and st and st.get("finished"):
                 models[label] = str(self.stage_dir(k, unit) / "hf")

@@ -71,7 +71,8 @@ def plot_actor_losses(metrics: dict[str, Path], out_png: Path) -> Optional[Path]
     return out_png
 
 
-ORDER = ("generate", "mc", "critic", "advantage", "actor", "advantage-outcome", "actor-outcome", "rft", "eval")
+ORDER = ("generate", "mc", "critic", "advantage", "actor", "advantage-outcome", "actor-outcome", "rft-generate", "rft",
+         "eval")
 
 
 def _throughput(summary: Optional[dict]) -> str:

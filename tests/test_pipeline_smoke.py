@@ -22,13 +22,20 @@ def test_smoke_pipeline(tmp_path, capsys):
     run = tmp_path / "run"
     ov = [f"run.out_dir={run}"]
     assert main(["run", str(SMOKE), *ov]) == 0
-    units = ["generate", "mc", "critic", "advantage", "actor", "advantage-outcome", "actor-outcome", "eval"]
+    units = ["generate", "mc", "critic", "advantage", "actor", "advantage-outcome", "actor-outcome", "rft-generate",
+             "rft", "eval"]
     assert _status(run) == {f"iter_0/{u}": "ran" for u in units}
     it = run / "iter_0"
-    for u in ("critic", "actor", "actor-outcome"):
+    for u in ("critic", "actor", "actor-outcome", "rft"):
         assert (it / u / "hf" / "config.json").is_file() and (it / u / "summary.json").is_file()
+    # RFT spends DAPO's generation budget (generate + mc samples) and trains on the correct samples only
+    budget = sum(json.loads((it / s / "summary.json").read_text())["throughput"]["samples"] for s in ("generate", "mc"))
+    rft_gen = json.loads((it / "rft-generate" / "summary.json").read_text())
+    assert abs(rft_gen["throughput"]["samples"] - budget) <= rft_gen["problems"] / 2 + 1
+    rft = json.loads((it / "rft" / "summary.json").read_text())["rft"]
+    assert rft["samples"] == rft_gen["throughput"]["samples"] and rft["distinct_correct"] <= rft["correct"]
     cmp = json.loads((it / "eval" / "comparison.json").read_text())
-    assert cmp["models"] == ["reference", "dapo", "outcome-only"]
+    assert cmp["models"] == ["reference", "dapo", "outcome-only", "rft"]
     assert cmp["accuracy"]["reference"]["heldout"]["n"] == 16
     report = (run / "report.md").read_text()
     for needle in ("Before / after", "| generate | ran |", "Critic calibration", "advantage_hist.png",

@@ -161,6 +161,62 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     return summary
 
 
+def rft_examples(gen_dir: str | Path, min_reward: float = 1.0) -> tuple[list[SFTExample], dict]:
+    """Rejection-sampling fine-tuning data: the verified-correct samples of a ``generate`` output, one
+    example per distinct (problem, solution) pair (the sample's ``output_ids`` end with EOS)."""
+    from dapo_mcore.data.shards import iter_records
+
+    exs, seen, n_samples, n_correct = [], set(), 0, 0
+    for rec in iter_records(gen_dir):
+        for s in rec["solutions"]:
+            n_samples += 1
+            if float(s["reward"]) < min_reward:
+                continue
+            n_correct += 1
+            key = (rec["problem_id"], tuple(s["output_ids"]))
+            if key in seen:
+                continue
+            seen.add(key)
+            exs.append(SFTExample(list(rec["prompt_ids"]), list(s["output_ids"])))
+    return exs, {"samples": n_samples, "correct": n_correct, "distinct_correct": len(exs)}
+
+
+def run_rft(cfg: SFTConfig, gen_dir: str | Path, out_dir: str | Path) -> dict:
+    """The rejection-sampling fine-tuning control: SFT of ``cfg.init_path`` on its own verified-correct
+    samples from ``gen_dir`` (a ``generate`` output); returns the SFT summary plus the data counts."""
+    exs, counts = rft_examples(gen_dir)
+    if not exs:
+        # fine-tuning on nothing leaves the reference unchanged: export it as the control's policy
+        import shutil
+
+        import torch.distributed as dist
+
+        from dapo_mcore.parallel.runtime import initialize_parallel
+
+        initialize_parallel(cfg.parallel)
+        summary = {"stage": "rft", "rft": counts, "trained": False,
+                   "note": "no verified-correct samples: the RFT policy is the reference"}
+        if dist.get_rank() == 0:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out / "hf", ignore_errors=True)
+            shutil.copytree(cfg.init_path, out / "hf")
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        dist.barrier()
+        return summary
+    summary = run_sft_examples(cfg, exs, out_dir)
+    summary["rft"] = counts
+    summary["trained"] = True
+    if not summary.get("partial"):
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            tmp = Path(out_dir) / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            tmp.replace(Path(out_dir) / "summary.json")
+    return summary
+
+
 def run_sft(cfg: SFTConfig, data: str | Path, out_dir: str | Path) -> dict:
     from transformers import AutoTokenizer
 
