@@ -114,7 +114,8 @@ def _accuracy(run_dir: Path) -> dict[str, dict]:
     out = {}
     for label_dir in sorted(p for p in evals[-1].iterdir() if p.is_dir()):
         for name, r in load_results(label_dir).items():
-            out[label_dir.name] = {"acc": r.accuracy, "n": len(r.rewards), "lo": r.interval[0], "hi": r.interval[1]}
+            lo, hi = r.interval()
+            out[label_dir.name] = {"acc": r.accuracy, "n": len(r.rewards), "lo": lo, "hi": hi}
     return out
 
 
