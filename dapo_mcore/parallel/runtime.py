@@ -88,14 +88,15 @@ def initialize_parallel(cfg: ParallelConfig) -> None:
         cpu_patches.apply()
 
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # plain single process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if cuda else "gloo"
+        timeout = timedelta(minutes=cfg.timeout_minutes)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo",
-                                             timeout=timedelta(minutes=cfg.timeout_minutes))
+        if "RANK" in os.environ:  # torchrun / SLURM launcher: env:// rendezvous
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
+        else:  # a plain single process: a private free port, no environment left behind for child processes
+            torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                                 rank=0, world_size=1, timeout=timeout)
     world_size = torch.distributed.get_world_size()
     cfg.validate(world_size, cuda)
 
