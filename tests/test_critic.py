@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dapo_mcore.critic.data import (CriticExample, completion_examples, pack_examples, read_mc, solution_examples,
-                                    split_by_problem, step_batches, truncate)
+                                    split_by_problem, truncate)
 from dapo_mcore.critic.metrics import auc, critic_metrics, ece, pearson
 
 
@@ -68,9 +68,11 @@ def test_split_by_problem_and_truncate_and_steps():
     t = truncate(CriticExample("p", list(range(10)), [2, 6, 9], [0.1, 0.2, 0.3]), 7)
     assert t.tokens == list(range(7)) and t.label_pos == [2, 6] and t.targets == [0.1, 0.2]
     assert truncate(CriticExample("p", list(range(10)), [9], [0.3]), 7) is None
-    steps = step_batches(exs, 32, epochs=2, seed=1)
+    from dapo_mcore.training.loop import epoch_batches
+
+    steps = epoch_batches(len(exs), 32, epochs=2, seed=1)
     assert len(steps) == 8 and sorted(sum(steps[:4], [])) == list(range(100))
-    assert steps == step_batches(exs, 32, epochs=2, seed=1) and steps[0] != steps[4]
+    assert steps == epoch_batches(len(exs), 32, epochs=2, seed=1) and steps[0] != steps[4]
 
 
 def test_metrics_against_direct_formulas():

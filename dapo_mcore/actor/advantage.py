@@ -157,16 +157,9 @@ def reference_logprobs(chunks: list, groups: Sequence, token_budget: int, pad_id
 
 
 def _load(path: str, value: bool, p: ParallelConfig):
-    from dapo_mcore.models.convert import load_hf_weights
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.models.hf_config import load_arch, transformer_config
+    from dapo_mcore.training.loop import load_chunks
 
-    arch = load_arch(path)
-    chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
-                                                         pp=p.pipeline_model_parallel_size,
-                                                         vpp=p.virtual_pipeline_model_parallel_size),
-                                value_head=value)
-    load_hf_weights(chunks, path, arch, init_value_head=False)
+    _, chunks = load_chunks(path, p, value_head=value, init_value_head=False)
     for c in chunks:
         c.eval()
     return chunks
@@ -197,6 +190,7 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
     from dapo_mcore.critic.score import ScoreGroup, score_groups
     from dapo_mcore.data.shards import ShardedWriter, chunk, input_identity, write_json_summary
     from dapo_mcore.parallel.runtime import initialize_parallel
+    from dapo_mcore.training.loop import pad_token_id
 
     cfg.validate()
     t0 = time.time()
@@ -204,7 +198,7 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
     rank0 = dist.get_rank() == 0
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(cfg.reference_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(tok)
     cands, stats = _candidates(mc_dir, cfg.min_actions)
     shards = chunk(cands, cfg.shard_size) if cands else []
     writer = None

@@ -101,20 +101,17 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from dapo_mcore.models.convert import load_hf_weights, save_hf_checkpoint
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.models.hf_config import load_arch, transformer_config
+    from dapo_mcore.models.convert import save_hf_checkpoint
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import LoopConfig, read_metrics, resume, run_loop
-    from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+    from dapo_mcore.training.loop import (LoopConfig, load_chunks, optim_config, pad_token_id, read_metrics, resume,
+                                          run_loop, write_summary)
+    from dapo_mcore.training.trainer import MegatronTrainer
 
     cfg.validate()
     out = Path(out_dir)
     t0 = time.time()
     initialize_parallel(cfg.parallel)
-    arch = load_arch(cfg.init_path)
-    tok = AutoTokenizer.from_pretrained(cfg.init_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(AutoTokenizer.from_pretrained(cfg.init_path))
     groups = load_groups(adv_dir)
     if not groups:
         raise ValueError(f"{adv_dir}: no kept states to train on (the gap filter removed every state?)")
@@ -122,16 +119,9 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
     if too_long:
         raise ValueError(f"{len(too_long)} states need more than token_budget={cfg.token_budget} tokens "
                          f"(e.g. {too_long[0]}); raise actor.token_budget")
-    p = cfg.parallel
-    chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
-                                                         pp=p.pipeline_model_parallel_size,
-                                                         vpp=p.virtual_pipeline_model_parallel_size))
-    load_hf_weights(chunks, cfg.init_path, arch)
+    arch, chunks = load_chunks(cfg.init_path, cfg.parallel)
     steps = state_batches(groups, cfg.global_batch_actions, cfg.epochs, cfg.seed)
-    trainer = MegatronTrainer(chunks, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                                  clip_grad=cfg.clip_grad, warmup_steps=cfg.warmup_steps,
-                                                  decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2),
-                              total_steps=len(steps))
+    trainer = MegatronTrainer(chunks, optim_config(cfg), total_steps=len(steps))
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("actor", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
     finished = run_loop(
@@ -149,15 +139,12 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
                "steps": trainer.step, "epochs": cfg.epochs, "seconds": time.time() - t0,
                "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
                "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    write_summary(out, summary)
     if dist.get_rank() == 0:
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(out / "summary.json")
         last = summary["last"] or {}
         print(f"[actor] {trainer.step} steps on {summary['actions']} actions: loss {last.get('loss', float('nan')):.4g}, "
               f"|log-ratio| {last.get('abs_log_ratio', float('nan')):.3g}, sign agreement "
               f"{last.get('sign_agree', float('nan')):.3f}")
-    dist.barrier()
     return summary
 
 

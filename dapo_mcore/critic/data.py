@@ -13,7 +13,6 @@ Targets are float32 and never rounded (an MC value 7/16 = 0.4375 stays 0.4375).
 from __future__ import annotations
 
 import hashlib
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,17 +136,6 @@ def pack_examples(examples: Sequence[CriticExample], token_budget: int, pad_id: 
             tgt += examples[i].targets
         rows.append((rb.build(), {"label_index": idx, "targets": tgt, "example_index": list(b)}))
     return batch_rows(rows, rows_per_microbatch, pad_id)
-
-
-def step_batches(examples: Sequence[CriticExample], global_batch: int, epochs: int, seed: int) -> list[list[int]]:
-    """Example indices of every optimizer step: ``epochs`` seeded shuffles cut into ``global_batch`` pieces
-    (a short last piece per epoch is kept)."""
-    steps = []
-    for ep in range(epochs):
-        order = list(range(len(examples)))
-        random.Random(seed * 1000 + ep).shuffle(order)
-        steps += [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
-    return steps
 
 
 def read_mc(mc_dir: str | Path) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from dapo_mcore.critic.data import (CriticExample, completion_examples, pack_examples, read_mc, solution_examples,
-                                    split_by_problem, step_batches, truncate)
+                                    split_by_problem, truncate)
 from dapo_mcore.critic.metrics import calibration_plot, critic_metrics
 from dapo_mcore.critic.score import values_by_example
 from dapo_mcore.packing import dp_share
@@ -98,12 +98,12 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from dapo_mcore.models.convert import load_hf_weights, save_hf_checkpoint
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.models.hf_config import load_arch, transformer_config
+    from dapo_mcore.models.convert import save_hf_checkpoint
+    from dapo_mcore.models.hf_config import load_arch
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import LoopConfig, resume, run_loop, tensorboard_scalars
-    from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, optim_config, pad_token_id, resume,
+                                          run_loop, tensorboard_scalars, write_summary)
+    from dapo_mcore.training.trainer import MegatronTrainer
 
     if not cfg.init_path:
         raise ValueError("critic.init_path is required (an HF checkpoint to initialise the critic from)")
@@ -113,23 +113,16 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     rank0 = dist.get_rank() == 0
     arch = load_arch(cfg.init_path)
     tok = AutoTokenizer.from_pretrained(cfg.init_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(tok)
     max_len = min(cfg.max_length or arch.max_position_embeddings, cfg.token_budget)
     train, val, counts = _build_examples(cfg, mc_dir, tok, max_len)
     if not train:
         raise ValueError(f"{mc_dir}: no training examples for the critic (all problems held out or no states)")
     train_mean = sum(t for e in train for t in e.targets) / max(1, sum(len(e.targets) for e in train))
 
-    p = cfg.parallel
-    tcfg = transformer_config(arch, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                              vpp=p.virtual_pipeline_model_parallel_size)
-    chunks = build_model_chunks(arch, tcfg, value_head=True, value_head_seed=cfg.seed)
-    load_hf_weights(chunks, cfg.init_path, arch)
-    steps = step_batches(train, cfg.global_batch, cfg.epochs, cfg.seed)
-    trainer = MegatronTrainer(chunks, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                                  clip_grad=cfg.clip_grad, warmup_steps=cfg.warmup_steps,
-                                                  decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2),
-                              total_steps=len(steps))
+    _, chunks = load_chunks(cfg.init_path, cfg.parallel, value_head=True, value_head_seed=cfg.seed)
+    steps = epoch_batches(len(train), cfg.global_batch, cfg.epochs, cfg.seed)
+    trainer = MegatronTrainer(chunks, optim_config(cfg), total_steps=len(steps))
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("critic", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
     finished = run_loop(
@@ -153,15 +146,12 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
                "config": json.loads(json.dumps(asdict(cfg), default=str))}
     if cfg.tensorboard:
         tensorboard_scalars(out, "critic_heldout", metrics, trainer.step)
+    if rank0 and preds:
+        calibration_plot(preds, targets, out / "calibration.png", title="held-out critic")
+    write_summary(out, summary)
     if rank0:
-        if preds:
-            calibration_plot(preds, targets, out / "calibration.png", title="held-out critic")
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(out / "summary.json")
         print(f"[critic] held-out Brier {metrics['brier']:.4f} vs constant {metrics['brier_baseline']:.4f}, "
               f"Pearson r {metrics['pearson']:.3f}, ECE {metrics['ece']:.3f} ({metrics['n']} labels)")
-    dist.barrier()
     return summary
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,15 +104,13 @@ def encode_jsonl(path: str | Path, tok) -> list[SFTExample]:
 
 def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: str | Path) -> dict:
     """Train (or resume) on token-level examples; exports ``out_dir/hf``; returns the summary."""
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from dapo_mcore.models.convert import load_hf_weights, save_hf_checkpoint
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.models.hf_config import load_arch, transformer_config
+    from dapo_mcore.models.convert import save_hf_checkpoint
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import LoopConfig, read_metrics, resume, run_loop
-    from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, optim_config, pad_token_id,
+                                          read_metrics, resume, run_loop, write_summary)
+    from dapo_mcore.training.trainer import MegatronTrainer
 
     if not cfg.init_path:
         raise ValueError("sft.init_path is required")
@@ -122,23 +119,10 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     out = Path(out_dir)
     t0 = time.time()
     initialize_parallel(cfg.parallel)
-    arch = load_arch(cfg.init_path)
-    tok = AutoTokenizer.from_pretrained(cfg.init_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    p = cfg.parallel
-    chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
-                                                         pp=p.pipeline_model_parallel_size,
-                                                         vpp=p.virtual_pipeline_model_parallel_size))
-    load_hf_weights(chunks, cfg.init_path, arch)
-    steps = []
-    for ep in range(cfg.epochs):
-        order = list(range(len(examples)))
-        random.Random(cfg.seed * 1000 + ep).shuffle(order)
-        steps += [order[i:i + cfg.global_batch] for i in range(0, len(order), cfg.global_batch)]
-    trainer = MegatronTrainer(chunks, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                                  clip_grad=cfg.clip_grad, warmup_steps=cfg.warmup_steps,
-                                                  decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2),
-                              total_steps=len(steps))
+    pad_id = pad_token_id(AutoTokenizer.from_pretrained(cfg.init_path))
+    arch, chunks = load_chunks(cfg.init_path, cfg.parallel)
+    steps = epoch_batches(len(examples), cfg.global_batch, cfg.epochs, cfg.seed)
+    trainer = MegatronTrainer(chunks, optim_config(cfg), total_steps=len(steps))
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("sft", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
     finished = run_loop(trainer, loop, out,
@@ -153,11 +137,7 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     summary = {"stage": "sft", "examples": len(examples), "steps": trainer.step, "seconds": time.time() - t0,
                "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
                "config": json.loads(json.dumps(asdict(cfg), default=str))}
-    if dist.get_rank() == 0:
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(out / "summary.json")
-    dist.barrier()
+    write_summary(out, summary)
     return summary
 
 
@@ -208,12 +188,9 @@ def run_rft(cfg: SFTConfig, gen_dir: str | Path, out_dir: str | Path) -> dict:
     summary["rft"] = counts
     summary["trained"] = True
     if not summary.get("partial"):
-        import torch.distributed as dist
+        from dapo_mcore.training.loop import write_summary
 
-        if dist.get_rank() == 0:
-            tmp = Path(out_dir) / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            tmp.replace(Path(out_dir) / "summary.json")
+        write_summary(Path(out_dir), summary)
     return summary
 
 

@@ -43,7 +43,7 @@ class DemoSetup:
     num_layers: int = 2
     num_heads: int = 4
     tokenizer_vocab: int = 400
-    sft_epochs: int = 4
+    sft_epochs: int = 8
     sft_batch: int = 64
     sft_lr: float = 1e-3
     token_budget: int = 128

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_mcore.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dapo_mcore.training.trainer import ForwardStep, MegatronTrainer, StepResult
+from dapo_mcore.training.trainer import ForwardStep, MegatronTrainer, OptimConfig, StepResult
 
 
 @dataclass
@@ -118,3 +118,59 @@ def tensorboard_scalars(out: Path, name: str, values: dict, step: int) -> None:
             if isinstance(v, float) and math.isfinite(v):
                 tb.add_scalar(f"{name}/{k}", v, step)
 
+
+
+# ------------------------------------------------------------------------------------ stage set-up
+def epoch_batches(n_items: int, global_batch: int, epochs: int, seed: int) -> list[list[int]]:
+    """Item indices of every optimizer step: ``epochs`` seeded shuffles cut into ``global_batch`` pieces
+    (a short last piece per epoch is kept)."""
+    import random
+
+    steps = []
+    for ep in range(epochs):
+        order = list(range(n_items))
+        random.Random(seed * 1000 + ep).shuffle(order)
+        steps += [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    return steps
+
+
+def pad_token_id(tok) -> int:
+    """The id used to pad packed rows (PAD, else EOS, else 0)."""
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return int(tok.eos_token_id or 0)
+
+
+def load_chunks(path: str, parallel, *, value_head: bool = False, value_head_seed: int = 0,
+                init_value_head: bool = True):
+    """``(arch, chunks)``: this rank's megatron model chunks for the layout ``parallel``, loaded from the HF
+    checkpoint ``path`` (the value model when ``value_head``)."""
+    from dapo_mcore.models.convert import load_hf_weights
+    from dapo_mcore.models.gpt import build_model_chunks
+    from dapo_mcore.models.hf_config import load_arch, transformer_config
+
+    arch = load_arch(path)
+    p = parallel
+    chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
+                                                         pp=p.pipeline_model_parallel_size,
+                                                         vpp=p.virtual_pipeline_model_parallel_size),
+                                value_head=value_head, value_head_seed=value_head_seed)
+    load_hf_weights(chunks, path, arch, init_value_head=init_value_head)
+    return arch, chunks
+
+
+def optim_config(cfg) -> OptimConfig:
+    """The optimizer settings every training stage config carries (lr, min_lr, warmup_steps, decay_style,
+    weight_decay, clip_grad, adam_beta2)."""
+
+    return OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
+                       warmup_steps=cfg.warmup_steps, decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """Rank 0 writes ``summary.json`` atomically (it marks the stage finished); every rank waits."""
+    if dist.get_rank() == 0:
+        tmp = Path(out) / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(Path(out) / "summary.json")
+    dist.barrier()
