@@ -3,16 +3,16 @@
 #   1. set-up (venv, packages, CMake build) if needed,
 #   2. a synthetic multi-step task, a tokenizer and a reference policy trained locally (megatron SFT),
 #   3. the whole DAPO pipeline (generate -> mc -> critic -> advantage -> actor -> eval, plus the
-#      outcome-only control) for each seed, two seeds at a time on the two cores,
+#      outcome-only and RFT controls) for each seed, all seeds at once (JOBS) on the two cores,
 #   4. the before/after table over seeds (also written to <out>/RESULTS.md).
-# Usage: scripts/demo.sh [OUT_DIR=runs/demo]   env: SEEDS="0 1 2", JOBS=2, extra key=value overrides in DEMO_OVERRIDES
+# Usage: scripts/demo.sh [OUT_DIR=runs/demo]   env: SEEDS="0 1 2", JOBS=3, extra key=value overrides in DEMO_OVERRIDES
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 PY="${DAPO_VENV:-$ROOT/.venv}/bin/python"
 OUT="${1:-runs/demo}"
 SEEDS="${SEEDS:-0 1 2}"
-JOBS="${JOBS:-2}"
+JOBS="${JOBS:-3}"
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$ROOT"
 start=$(date +%s)
