@@ -35,13 +35,13 @@ def tiny_llama_tied(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), _chain_texts(), cfg, seed=1)
 
 
-def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 900) -> str:
+def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 900, env: dict | None = None) -> str:
     """Run ``tests/dist/<script>`` (or, for a dotted name like ``dapo_mcore.critic.train``, that module)
     under ``torchrun --standalone`` on gloo; return its output.
 
-    Raises AssertionError with the tail of the output if any rank fails.
+    ``env`` adds environment variables. Raises AssertionError with the tail of the output if any rank fails.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(env or {}))
     target = [str(DIST_DIR / script)] if script.endswith(".py") else ["-m", script]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *target, *map(str, args)]
