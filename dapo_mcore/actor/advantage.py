@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-from dapo_mcore.parallel.runtime import ParallelConfig
+from dapo_mcore.parallel.runtime import ParallelConfig, add_parallel_args, parallel_from_args
 
 SOURCES = ("critic", "outcome")
 
@@ -290,13 +290,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-terminal-reward", action="store_true")
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--shard-size", type=int, default=512)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
+    add_parallel_args(ap)
     a = ap.parse_args(argv)
     cfg = AdvantageConfig(critic_path=a.critic, reference_path=a.reference, source=a.source, gap_threshold=a.gap,
                           terminal_reward=not a.no_terminal_reward, token_budget=a.token_budget,
                           shard_size=a.shard_size,
-                          parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
+                          parallel=parallel_from_args(a))
     run_advantage(cfg, a.mc, a.out)
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from dapo_mcore.actor.batching import ActionGroup, dapo_forward_step, pack_action_groups
 from dapo_mcore.packing import dp_share
-from dapo_mcore.parallel.runtime import ParallelConfig
+from dapo_mcore.parallel.runtime import ParallelConfig, add_parallel_args, parallel_from_args
 
 
 @dataclass
@@ -160,8 +160,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--no-shared-prefix", action="store_true", help="lay out each (s, a) separately")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
+    add_parallel_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
     a = ap.parse_args(argv)
@@ -169,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       global_batch_actions=a.global_batch_actions, token_budget=a.token_budget,
                       rows_per_microbatch=a.rows_per_microbatch,
                       shared_prefix=not a.no_shared_prefix, seed=a.seed, max_steps=a.max_steps,
-                      parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
+                      parallel=parallel_from_args(a))
     run_train_actor(cfg, a.adv, a.out)
 
 

@@ -21,7 +21,7 @@ from dapo_mcore.critic.data import (CriticExample, completion_examples, pack_exa
 from dapo_mcore.critic.metrics import calibration_plot, critic_metrics
 from dapo_mcore.critic.score import values_by_example
 from dapo_mcore.packing import dp_share
-from dapo_mcore.parallel.runtime import ParallelConfig
+from dapo_mcore.parallel.runtime import ParallelConfig, add_parallel_args, parallel_from_args
 
 
 @dataclass
@@ -166,15 +166,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--use-completions", action="store_true")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
+    add_parallel_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
     a = ap.parse_args(argv)
     cfg = CriticConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch,
                        token_budget=a.token_budget, rows_per_microbatch=a.rows_per_microbatch, use_completions=a.use_completions, seed=a.seed,
                        max_steps=a.max_steps,
-                       parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
+                       parallel=parallel_from_args(a))
     run_train_critic(cfg, a.mc, a.out)
 
 

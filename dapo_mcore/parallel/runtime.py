@@ -59,6 +59,21 @@ class ParallelConfig:
                               * self.context_parallel_size)
 
 
+def add_parallel_args(ap) -> None:
+    """The layout flags every Megatron stage's command line takes (the launchers append them as given)."""
+    g = ap.add_argument_group("parallel layout")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    g.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per pipeline rank")
+    g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel (GPU, TP > 1)")
+
+
+def parallel_from_args(a) -> ParallelConfig:
+    """The :class:`ParallelConfig` of flags added by :func:`add_parallel_args`."""
+    return ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                          virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sequence_parallel)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

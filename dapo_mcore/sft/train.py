@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 
 from dapo_mcore.packing import RowBuilder, batch_rows, dp_share, first_fit_decreasing
-from dapo_mcore.parallel.runtime import ParallelConfig
+from dapo_mcore.parallel.runtime import ParallelConfig, add_parallel_args, parallel_from_args
 
 
 @dataclass
@@ -212,14 +212,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--rows-per-microbatch", type=int, default=1)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
+    add_parallel_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0)
     a = ap.parse_args(argv)
     cfg = SFTConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch, token_budget=a.token_budget,
                     rows_per_microbatch=a.rows_per_microbatch, seed=a.seed, max_steps=a.max_steps,
-                    parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp))
+                    parallel=parallel_from_args(a))
     run_sft(cfg, a.data, a.out)
 
 
