@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from dapo_mcore.verify.code import CodeVerifier, CodeVerifierConfig
 from dapo_mcore.verify.sandbox import (
     SandboxConfig,
-    _cgroup_dir,
     probe_isolation,
+    run_contained,
     sandbox_python,
 )
 
@@ -151,36 +151,16 @@ def run_attacks(limit_s: float) -> list[dict]:
 
 
 def contained_attacks(limit_s: float) -> list[dict]:
-    """Re-run this script with ``--attacks-inner`` inside an outer pids cgroup + timeout + PID namespace."""
-    outer = None
-    base = _cgroup_dir("pids")
-    if base is not None:
-        outer = base / f"dapo-bench-outer-{os.getpid()}"
-        outer.mkdir()
-        (outer / "pids.max").write_text("300")
-    enter = f"echo 0 > {outer}/cgroup.procs && " if outer else ""
-    me = f"{sys.executable} {Path(__file__).resolve()} --attacks-inner --limit {limit_s}"
-    iso = probe_isolation(SandboxConfig())
-    inner = (f"timeout -s KILL 300 unshare --pid --fork --kill-child --mount-proc sh -c '{me}; exit $?'"
-             if iso.namespaces else f"timeout -s KILL 300 {me}")
-    try:
-        p = subprocess.run(["sh", "-c", enter + "exec " + inner], check=False, capture_output=True, text=True, cwd=ROOT,
-                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1"})
-        if p.returncode != 0:
-            raise SystemExit(f"contained attack run failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-        rows = json.loads(p.stdout.strip().splitlines()[-1])
-        if outer is not None:
-            ev = dict(line.split() for line in (outer / "pids.events").read_text().splitlines())
-            rows[-1]["outer_pids_limit_hits"] = int(ev.get("max", 0))
-        return rows
-    finally:
-        if outer is not None:
-            for _ in range(100):
-                try:
-                    outer.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+    """Re-run this script with ``--attacks-inner`` inside :func:`run_contained` (outer pids cgroup limit 300,
+    ``timeout -s KILL 300``, PID namespace)."""
+    r = run_contained([sys.executable, str(Path(__file__).resolve()), "--attacks-inner", "--limit", str(limit_s)],
+                      pids_max=300, timeout_s=300, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"contained attack run failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    if "max" in r.pids_events:
+        rows[-1]["outer_pids_limit_hits"] = r.pids_events["max"]
+    return rows
 
 
 def main() -> None:

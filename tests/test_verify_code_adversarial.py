@@ -12,7 +12,6 @@ import ast
 import json
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -29,6 +28,7 @@ from dapo_mcore.verify.sandbox import (
     _cgroup_dir,
     probe_isolation,
 )
+from dapo_mcore.verify.sandbox import run_contained as sandbox_run_contained
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_S = 2.0                      # the limit the attacks run into
@@ -274,39 +274,15 @@ def test_partial_pass(verifier, host_check):
 
 # ----------------------------------------------------------------------- contained: processes
 def run_contained(script: str, tmp_path: Path, timeout_s: int = 90) -> tuple[dict, dict]:
-    """Run ``script`` (Python) as a whole verifier process inside an outer pids cgroup (limit 200),
-    ``timeout -s KILL`` and its own PID namespace. Returns (its JSON on the last stdout line, the
+    """Run ``script`` (Python) as a whole verifier process inside :func:`sandbox.run_contained` (outer pids
+    cgroup limit 200, ``timeout -s KILL``, PID namespace). Returns (its JSON on the last stdout line, the
     outer cgroup's pids.events)."""
-    outer = None
-    base = _cgroup_dir("pids")
-    if base is not None:
-        outer = base / f"dapo-test-outer-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        outer.mkdir()
-        (outer / "pids.max").write_text("200")
-    enter = f"echo 0 > {outer}/cgroup.procs && " if outer else ""
     path = tmp_path / "contained.py"
     path.write_text(script)
-    run_py = f"{sys.executable} {path}"
-    # the verifier is not PID 1 of the outer namespace (sh is), so signals reach it as usual
-    inner = (f"timeout -s KILL {timeout_s} unshare --pid --fork --kill-child --mount-proc sh -c '{run_py}; exit $?'"
-             if ISO.namespaces else f"timeout -s KILL {timeout_s} {run_py}")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        p = subprocess.run(["sh", "-c", enter + "exec " + inner], check=False, cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=timeout_s + 30)
-        events = {}
-        if outer is not None:
-            events = dict(line.split() for line in (outer / "pids.events").read_text().splitlines())
-        assert p.returncode == 0, f"contained verifier died (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-        return json.loads(p.stdout.strip().splitlines()[-1]), events
-    finally:
-        if outer is not None:
-            for _ in range(100):
-                try:
-                    outer.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+    r = sandbox_run_contained([sys.executable, str(path)], pids_max=200, timeout_s=timeout_s, cwd=ROOT, env=env)
+    assert r.returncode == 0, f"contained verifier died (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.pids_events
 
 
 CONTAINED = """
@@ -340,7 +316,7 @@ def test_fork_bomb(host_check, tmp_path, cgroups):
     out, events = run_contained(CONTAINED.format(limit=LIMIT_S, cgroups=cgroups, attack=fence(FORK_BOMB)), tmp_path)
     assert out["verdict"] == "timeout" and out["time"] < LIMIT_S + 8 and out["good"] == 1.0, out
     if events:
-        assert events.get("max") == "0", f"the outer safety cgroup had to stop the bomb: {events}"
+        assert events.get("max") == 0, f"the outer safety cgroup had to stop the bomb: {events}"
 
 
 KILL_ALL = """

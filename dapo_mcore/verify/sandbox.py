@@ -38,6 +38,7 @@ import marshal
 import os
 import queue
 import selectors
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
@@ -437,6 +439,51 @@ def probe_isolation(cfg: SandboxConfig) -> Isolation:
         iso = Isolation(ns, drop, pids, mem, cfg.audit_network, tuple(notes))
         _PROBE[key] = iso
         return iso
+
+
+@dataclass(frozen=True)
+class ContainedRun:
+    """What :func:`run_contained` saw: the command's exit status and output, and the outer pids cgroup's
+    ``pids.events`` (``{"max": hits}``; empty without a writable pids controller)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    pids_events: dict[str, int]
+
+
+def run_contained(argv: list[str], *, pids_max: int = 200, timeout_s: int = 90, cwd: str | Path | None = None,
+                  env: dict[str, str] | None = None) -> ContainedRun:
+    """Run a whole process (e.g. a verifier under attack) inside a containment of its own, so even a failed
+    sandbox defence cannot take the machine down: an outer pids cgroup (``pids_max`` tasks, when a writable
+    cgroup-v1 pids controller exists), ``timeout -s KILL timeout_s`` and a PID namespace (when ``unshare``
+    works). ``argv`` is not PID 1 of that namespace (``sh`` is), so signals reach it as usual."""
+    outer = None
+    base = _cgroup_dir("pids")
+    if base is not None:
+        outer = base / f"dapo-contained-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        outer.mkdir()
+        (outer / "pids.max").write_text(str(pids_max))
+    enter = f"echo 0 > {outer}/cgroup.procs && " if outer else ""
+    cmd = " ".join(shlex.quote(a) for a in argv)
+    inner = (f"timeout -s KILL {timeout_s} unshare --pid --fork --kill-child --mount-proc sh -c {shlex.quote(cmd + '; exit $?')}"
+             if probe_isolation(SandboxConfig()).namespaces else f"timeout -s KILL {timeout_s} {cmd}")
+    env = env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1"}
+    try:
+        p = subprocess.run(["sh", "-c", enter + "exec " + inner], check=False, cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=timeout_s + 30)
+        events: dict[str, int] = {}
+        if outer is not None:
+            events = {k: int(v) for k, v in (line.split() for line in (outer / "pids.events").read_text().splitlines())}
+        return ContainedRun(p.returncode, p.stdout, p.stderr, events)
+    finally:
+        if outer is not None:
+            for _ in range(100):
+                try:
+                    outer.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------------------- #
