@@ -95,3 +95,45 @@ def print_summary(summary: dict, out_dir) -> None:
           f"{th['samples']} samples, {th['samples_per_s']:.1f} samples/s, {th['tokens_per_s']:.0f} tok/s, "
           f"prefix cache {th['cache_hit_rate']:.1%}, verifier {v['correct']}/{v['calls']} correct "
           f"({v['errors']} errors, {v['timeouts']} timeouts) -> {out_dir}/summary.json", flush=True)
+
+
+def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: int, backend, open_backend,
+                process, meter: RolloutMeter, show_progress: bool) -> tuple[int, int]:
+    """The skeleton shared by the rollout stages: split ``items`` into shards of ``shard_size``, skip the
+    shards ``writer`` (a :class:`~dapo_mcore.data.shards.ShardedWriter`) already holds, and for each other
+    shard call ``process(backend, batch) -> records`` on batches of ``batch_size`` items and write the records
+    as one shard (atomic; an interrupted run resumes at the first missing shard). ``backend`` None:
+    ``open_backend()`` makes one, only if there is work, and it is closed at the end.
+    Returns ``(number of shards, shards computed now)``."""
+    from dapo_mcore.data.shards import chunk
+
+    shards = chunk(items, shard_size)
+    todo = [i for i in range(len(shards)) if not writer.is_done(i)]
+    own_backend = backend is None and bool(todo)
+    if own_backend:
+        backend = open_backend()
+    bar = progress(sum(len(shards[i]) for i in todo), desc, disable=not show_progress)
+    try:
+        for si in todo:
+            records = []
+            for batch in chunk(shards[si], batch_size):
+                records.extend(process(backend, batch))
+                bar.update(len(batch))
+                bar.set_postfix(meter.postfix())
+            writer.write_shard(si, records)
+    finally:
+        bar.close()
+        if own_backend:
+            backend.close()
+    return len(shards), len(todo)
+
+
+def finish_stage(writer, out_dir, num_shards: int, summary: dict, show: bool) -> dict:
+    """Seal a rollout stage's output (manifest + ``summary.json``) and print its one-line summary."""
+    from dapo_mcore.data.shards import write_json_summary
+
+    writer.finalize(num_shards, summary)
+    write_json_summary(out_dir, "summary.json", summary)
+    if show:
+        print_summary(summary, out_dir)
+    return summary

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dapo_mcore.data.problems import PromptTemplate, read_problems
-from dapo_mcore.data.shards import ShardedWriter, chunk, file_sha256, write_json_summary
+from dapo_mcore.data.shards import ShardedWriter, file_sha256
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
-from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, make_backend, print_summary, progress
+from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, finish_stage, make_backend, run_sharded
 from dapo_mcore.verify import VERIFIERS, make_verifier
 
 
@@ -75,49 +75,36 @@ def run_generate(cfg: GenerateConfig, out_dir: str | Path, backend=None, overwri
     prompt_ids = {p.id: tmpl.render_ids(p, tok) for p in pset.problems}
     ident = {"config": cfg.identity(), "problems_sha256": file_sha256(cfg.problems)}
     writer = ShardedWriter(out_dir, "generate", ident, cfg.fmt, overwrite=overwrite)
-    shards = chunk(pset.problems, cfg.shard_size)
     verifier = make_verifier(cfg.verifier, cfg.verify_timeout_s)
     meter = RolloutMeter()
-    todo = [i for i in range(len(shards)) if not writer.is_done(i)]
-    own_backend = backend is None and bool(todo)
-    if own_backend:
-        backend = make_backend(cfg.backend, cfg.model_path)
-    bar = progress(sum(len(shards[i]) for i in todo), "generate", disable=not cfg.show_progress)
-    try:
-        for si in todo:
-            records = []
-            for batch in chunk(shards[si], cfg.batch_requests):
-                reqs = [GenRequest(prompt_ids[p.id], SamplingParams(
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k=cfg.top_k, n=cfg.num_samples, sampling_seed=seed_from_id(cfg.seed, p.id)), rid=p.id)
-                    for p in batch]
-                for p, samples in zip(batch, backend.generate(reqs)):
-                    meter.add(samples)
-                    rewards = [verifier.verify(s["text"], p.answer) for s in samples]
-                    kept = select_balanced(rewards, cfg.keep)
-                    records.append({
-                        "problem_id": p.id, "prompt": p.prompt, "answer": p.answer,
-                        "prompt_ids": prompt_ids[p.id], "num_samples": len(samples),
-                        "num_correct": sum(r > 0.5 for r in rewards), "rewards": rewards,
-                        "solutions": [{"sample_index": i, "output_ids": samples[i]["output_ids"],
-                                       "text": samples[i]["text"], "reward": rewards[i],
-                                       "finish": samples[i]["meta_info"]["finish_reason"]["type"]}
-                                      for i in kept]})
-                    bar.update(1)
-                bar.set_postfix(meter.postfix())
-            writer.write_shard(si, records)
-    finally:
-        bar.close()
-        if own_backend:
-            backend.close()
+
+    def process(backend, batch) -> list[dict]:
+        reqs = [GenRequest(prompt_ids[p.id], SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            n=cfg.num_samples, sampling_seed=seed_from_id(cfg.seed, p.id)), rid=p.id) for p in batch]
+        records = []
+        for p, samples in zip(batch, backend.generate(reqs)):
+            meter.add(samples)
+            rewards = [verifier.verify(s["text"], p.answer) for s in samples]
+            kept = select_balanced(rewards, cfg.keep)
+            records.append({
+                "problem_id": p.id, "prompt": p.prompt, "answer": p.answer,
+                "prompt_ids": prompt_ids[p.id], "num_samples": len(samples),
+                "num_correct": sum(r > 0.5 for r in rewards), "rewards": rewards,
+                "solutions": [{"sample_index": i, "output_ids": samples[i]["output_ids"],
+                               "text": samples[i]["text"], "reward": rewards[i],
+                               "finish": samples[i]["meta_info"]["finish_reason"]["type"]}
+                              for i in kept]})
+        return records
+
+    n_shards, n_done = run_sharded("generate", pset.problems, writer, shard_size=cfg.shard_size,
+                                   batch_size=cfg.batch_requests, backend=backend,
+                                   open_backend=lambda: make_backend(cfg.backend, cfg.model_path), process=process,
+                                   meter=meter, show_progress=cfg.show_progress)
     summary = {"stage": "generate", "problems": len(pset.problems), "bad_rows_skipped": pset.n_skipped,
-               "shards": len(shards), "shards_computed": len(todo), "verifier": verifier.stats.as_dict(),
+               "shards": n_shards, "shards_computed": n_done, "verifier": verifier.stats.as_dict(),
                "throughput": meter.summary()}
-    writer.finalize(len(shards), summary)
-    write_json_summary(out_dir, "summary.json", summary)
-    if cfg.show_progress:
-        print_summary(summary, out_dir)
-    return summary
+    return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)
 
 
 def add_backend_args(ap: argparse.ArgumentParser) -> None:

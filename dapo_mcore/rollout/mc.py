@@ -21,9 +21,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dapo_mcore.data.shards import ShardedWriter, chunk, input_identity, iter_records, write_json_summary
+from dapo_mcore.data.shards import ShardedWriter, input_identity, iter_records
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
-from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, make_backend, print_summary, progress
+from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, finish_stage, make_backend, run_sharded
 from dapo_mcore.rollout.segment import TokenBytes, first_step
 from dapo_mcore.rollout.states import State, StateStats, build_states
 from dapo_mcore.verify import VERIFIERS, make_verifier
@@ -86,58 +86,43 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
     states = collect_states(in_dir, tb, cfg.delimiter, max_ctx, sstats)
     writer = ShardedWriter(out_dir, "mc", {"config": cfg.identity(), "input": input_identity(in_dir)}, cfg.fmt,
                            overwrite=overwrite)
-    shards = chunk(states, cfg.shard_size)
     verifier = make_verifier(cfg.verifier, cfg.verify_timeout_s)
     meter = RolloutMeter()
-    todo = [i for i in range(len(shards)) if not writer.is_done(i)]
-    own_backend = backend is None and bool(todo)
-    if own_backend:
-        backend = make_backend(cfg.backend, cfg.model_path)
-    bar = progress(sum(len(shards[i]) for i in todo), "mc", disable=not cfg.show_progress)
-    try:
-        for si in todo:
-            records = []
-            for batch in chunk(shards[si], cfg.batch_requests):
-                open_ = [(st, ans) for st, ans in batch if not st.terminal]
-                reqs = [GenRequest(st.input_ids, SamplingParams(
-                    max_new_tokens=min(cfg.max_new_tokens, max_ctx - len(st)), temperature=cfg.temperature,
-                    top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_completions,
-                    sampling_seed=seed_from_id(cfg.seed, st.state_id)), rid=st.state_id) for st, _ in open_]
-                results = dict(zip((st.state_id for st, _ in open_), backend.generate(reqs) if reqs else []))
-                for st, ans in batch:
-                    if st.terminal:
-                        records.append(state_record(st, st.reward, [], []))
-                        bar.update(1)
-                        continue
-                    samples = results[st.state_id]
-                    meter.add(samples)
-                    head = tok.decode([t for s in st.step_ids for t in s], skip_special_tokens=True)
-                    comps, acts = [], []
-                    for s in samples:
-                        r = verifier.verify(head + s["text"], ans)
-                        fin = s["meta_info"]["finish_reason"]["type"]
-                        comps.append({"output_ids": list(s["output_ids"]), "reward": r, "finish": fin})
-                        ids, whole = first_step(s["output_ids"], tb, cfg.delimiter)
-                        ends = whole and fin == "stop"
-                        acts.append({"ids": ids, "text": tok.decode(ids, skip_special_tokens=True),
-                                     "ends_solution": ends, "reward": r if ends else None})
-                    value = sum(c["reward"] for c in comps) / len(comps)
-                    records.append(state_record(st, value, comps, acts))
-                    bar.update(1)
-                bar.set_postfix(meter.postfix())
-            writer.write_shard(si, records)
-    finally:
-        bar.close()
-        if own_backend:
-            backend.close()
+
+    def process(backend, batch) -> list[dict]:
+        open_ = [(st, ans) for st, ans in batch if not st.terminal]
+        reqs = [GenRequest(st.input_ids, SamplingParams(
+            max_new_tokens=min(cfg.max_new_tokens, max_ctx - len(st)), temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_completions,
+            sampling_seed=seed_from_id(cfg.seed, st.state_id)), rid=st.state_id) for st, _ in open_]
+        results = dict(zip((st.state_id for st, _ in open_), backend.generate(reqs) if reqs else []))
+        records = []
+        for st, ans in batch:
+            if st.terminal:
+                records.append(state_record(st, st.reward, [], []))
+                continue
+            samples = results[st.state_id]
+            meter.add(samples)
+            head = tok.decode([t for s in st.step_ids for t in s], skip_special_tokens=True)
+            comps, acts = [], []
+            for s in samples:
+                r = verifier.verify(head + s["text"], ans)
+                fin = s["meta_info"]["finish_reason"]["type"]
+                comps.append({"output_ids": list(s["output_ids"]), "reward": r, "finish": fin})
+                ids, whole = first_step(s["output_ids"], tb, cfg.delimiter)
+                ends = whole and fin == "stop"
+                acts.append({"ids": ids, "text": tok.decode(ids, skip_special_tokens=True),
+                             "ends_solution": ends, "reward": r if ends else None})
+            records.append(state_record(st, sum(c["reward"] for c in comps) / len(comps), comps, acts))
+        return records
+
+    n_shards, n_done = run_sharded("mc", states, writer, shard_size=cfg.shard_size, batch_size=cfg.batch_requests,
+                                   backend=backend, open_backend=lambda: make_backend(cfg.backend, cfg.model_path),
+                                   process=process, meter=meter, show_progress=cfg.show_progress)
     summary = {"stage": "mc", "states": len(states), "terminal_states": sum(st.terminal for st, _ in states),
-               "state_stats": asdict(sstats), "shards": len(shards), "shards_computed": len(todo),
+               "state_stats": asdict(sstats), "shards": n_shards, "shards_computed": n_done,
                "verifier": verifier.stats.as_dict(), "throughput": meter.summary()}
-    writer.finalize(len(shards), summary)
-    write_json_summary(out_dir, "summary.json", summary)
-    if cfg.show_progress:
-        print_summary(summary, out_dir)
-    return summary
+    return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)
 
 
 def main(argv: list[str] | None = None) -> None:
