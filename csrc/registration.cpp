@@ -16,7 +16,7 @@ TORCH_LIBRARY(dapo_mcore, m) {
   m.def("target_logprob_fwd(Tensor hidden, Tensor weight, Tensor targets, int vocab_start, int block_t, "
         "int block_v) -> (Tensor, Tensor, Tensor)");
   m.def("target_logprob_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_logp, "
-        "int vocab_start, int block_t, int block_v) -> (Tensor, Tensor)");
+        "int vocab_start, int block_t, int block_v, Tensor(a!)? main_grad=None) -> (Tensor, Tensor)");
   // DAPO loss fused with the per-action segment sums (csrc/dapo_loss.cpp).
   m.def("dapo_loss_fwd(Tensor logp, Tensor ref_logp, Tensor segment_ids, Tensor advantages, float beta, "
         "float normalizer) -> (Tensor, Tensor)");

@@ -14,9 +14,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "fast_exp.h"
 
 // MKL (statically inside libtorch_cpu) could otherwise start its own threads inside each of
@@ -76,6 +79,15 @@ at::ScalarType acc_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// bf16 inputs take the AVX512-BF16 GEMM (csrc/bf16_gemm.h) when the CPU has it; H even so that
+// the K-pairs of a hidden/weight row are adjacent (odd H falls back to upcast + fp32 GEMMs).
+bool bf16_fast(const Tensor& hidden) {
+  return hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && bf16::available();
+}
+
+const uint16_t* u16(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+uint32_t* u32(Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
+
 // Row-major [rows, cols] tile view over the first rows*cols elements of a flat buffer.
 Tensor tile(const Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
@@ -87,8 +99,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
   const int64_t T = hidden.size(0), V = weight.size(0);
   const auto acc = acc_type(hidden);
   const auto opts = hidden.options().dtype(acc);
-  Tensor h = hidden.detach().to(acc).contiguous();
+  const bool fast = bf16_fast(hidden);
+  Tensor h = fast ? hidden.detach().contiguous() : hidden.detach().to(acc).contiguous();
   Tensor w = weight.detach().contiguous();
+  const int64_t H = w.size(1);
   const int64_t* y = targets.data_ptr<int64_t>();
   const int nthreads = at::get_num_threads();
   // Per-thread online softmax state [nthreads, T].
@@ -104,25 +118,31 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
     acc_t* sm;
     Tensor buf, wbuf;
   };
-  const bool upcast = weight.scalar_type() != acc;
+  const bool upcast = weight.scalar_type() != acc && !fast;
   for_each_chunk(
       n_chunks,
       [&] {
         const int tid = at::get_thread_num();
         return FwdState{run_max.data() + static_cast<size_t>(tid) * T,
                         run_sum.data() + static_cast<size_t>(tid) * T, at::empty({bt * block_v}, opts),
-                        upcast ? at::empty({block_v * w.size(1)}, opts) : Tensor()};
+                        upcast ? at::empty({block_v * H}, opts)
+                               : fast ? at::empty({block_v * H / 2}, at::kInt) : Tensor()};
       },
       [&](FwdState& st, int64_t c) {
         acc_t* mx = st.mx;
         acc_t* sm = st.sm;
         const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
         Tensor wc = w.narrow(0, v0, vc);
-        if (upcast) wc = tile(st.wbuf, vc, w.size(1)).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
+        if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
+        if (fast) bf16::pack_b(u16(w) + v0 * H, H, H, vc, /*rows_are_n=*/true, u32(st.wbuf), vc);
         for (int64_t t0 = 0; t0 < T; t0 += bt) {
           const int64_t tb = std::min(bt, T - t0);
           Tensor z = tile(st.buf, tb, vc);
-          at::mm_out(z, h.narrow(0, t0, tb), wc.t());
+          if (fast)
+            bf16::gemm(tb, vc, H, u16(h) + t0 * H, H, u32(st.wbuf), vc, reinterpret_cast<float*>(z.data_ptr()), vc,
+                       false);
+          else
+            at::mm_out(z, h.narrow(0, t0, tb), wc.t());
           const acc_t* zp = z.data_ptr<acc_t>();
           for (int64_t i = 0; i < tb; ++i) {
             const acc_t* row = zp + i * vc;
@@ -159,14 +179,40 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
   return {out_max, out_sum, tgt};
 }
 
+// bf16 path of one tile's gradient GEMMs: G [tb, vc] fp32 is rounded to bf16 (and transposed),
+// then grad_h[t0:t0+tb] += G @ W_c and grad_W_c (+)= G^T @ h[t0:t0+tb], fp32 accumulation.
+template <typename State>
+void bf16_grad_gemms(State& st, const float* G, int64_t t0, int64_t tb, int64_t vc, int64_t H, int64_t vce,
+                     Tensor& gwc, bool into_main, Tensor& h_pairs) {
+  const int64_t vk = vc + (vc & 1), tk = tb + (tb & 1);  // even K of the two GEMMs (zero padded)
+  uint16_t* g16 = reinterpret_cast<uint16_t*>(st.g16.data_ptr());
+  uint16_t* gt16 = reinterpret_cast<uint16_t*>(st.gt16.data_ptr());
+  for (int64_t i = 0; i < tb; ++i) {
+    const float* row = G + i * vc;
+    uint16_t* out = g16 + i * vk;
+#pragma omp simd
+    for (int64_t j = 0; j < vc; ++j) out[j] = c10::detail::round_to_nearest_even(row[j]);
+    if (vk != vc) out[vc] = 0;
+  }
+  for (int64_t j = 0; j < vc; ++j) {
+    uint16_t* out = gt16 + j * tk;
+    for (int64_t i = 0; i < tb; ++i) out[i] = g16[i * vk + j];
+    if (tk != tb) out[tb] = 0;
+  }
+  bf16::gemm(tb, H, vk, g16, vk, u32(st.w_pairs), H, reinterpret_cast<float*>(st.gh.data_ptr()) + t0 * H, H, true);
+  bf16::gemm(vc, H, tk, gt16, tk, u32(h_pairs) + t0 / 2 * H, H, gwc.data_ptr<float>(), H, into_main || t0 > 0);
+  (void)vce;
+}
+
 template <typename acc_t>
 std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                     const Tensor& lse_in, const Tensor& grad_in, int64_t vocab_start,
-                                    int64_t block_t, int64_t block_v) {
+                                    int64_t block_t, int64_t block_v, const Tensor& main_grad) {
   const int64_t T = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const auto acc = acc_type(hidden);
   const auto opts = hidden.options().dtype(acc);
-  Tensor h = hidden.detach().to(acc).contiguous();
+  const bool fast = bf16_fast(hidden);
+  Tensor h = fast ? hidden.detach().contiguous() : hidden.detach().to(acc).contiguous();
   Tensor w = weight.detach().contiguous();
   Tensor lse = lse_in.to(acc).contiguous();
   Tensor g = grad_in.to(acc).contiguous();
@@ -174,14 +220,28 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   const acc_t* g_p = g.data_ptr<acc_t>();
   const int nthreads = at::get_num_threads();
-  const bool direct_gw = weight.scalar_type() == acc;
-  Tensor grad_w = at::empty_like(w);
+  // into_main: grad_W is added straight into the caller's accumulation-dtype buffer (Megatron's
+  // param.main_grad); each vocab chunk belongs to one thread, so the rows are written race-free.
+  const bool into_main = main_grad.defined();
+  const bool upcast = weight.scalar_type() != acc && !fast;  // bf16/fp16 chunks upcast to fp32
+  const bool direct_gw = into_main || weight.scalar_type() == acc;  // else an fp32 chunk buffer
+  Tensor grad_w = into_main ? at::empty({0}, weight.options()) : at::empty_like(w);
   Tensor grad_h_parts = at::zeros({nthreads, T, H}, opts);
   const int64_t n_chunks = (V + block_v - 1) / block_v;
-  const int64_t bt = std::min(block_t, std::max<int64_t>(T, 1));
+  int64_t bt = std::min(block_t, std::max<int64_t>(T, 1));
+  // bf16 fast path: G is rounded to bf16 for the two gradient GEMMs (fp32 accumulation), as on
+  // GPU tensor cores; token blocks start at even t so that hidden's K-pairs (t, t+1) are packed
+  // once for all chunks.
+  Tensor h_pairs;
+  if (fast) {
+    bt += bt & 1;
+    h_pairs = at::empty({(T + 1) / 2 * H}, at::kInt);
+    bf16::pack_b(u16(h), H, T, H, /*rows_are_n=*/false, u32(h_pairs), H);
+  }
+  const int64_t vce = block_v + (block_v & 1);  // even K for G @ W_chunk
 
   struct BwdState {
-    Tensor gh, buf, buf_t, gw_buf, wbuf;
+    Tensor gh, buf, buf_t, gw_buf, wbuf, w_pairs, g16, gt16;
   };
   for_each_chunk(
       n_chunks,
@@ -190,18 +250,31 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
                         at::empty({bt * block_v}, opts),
                         at::empty({bt * block_v}, opts),  // G^T contiguous: MKL runs G^T @ h ~1.7x faster
                         direct_gw ? Tensor() : at::empty({block_v * H}, opts),
-                        direct_gw ? Tensor() : at::empty({block_v * H}, opts)};
+                        upcast ? at::empty({block_v * H}, opts)
+                               : fast ? at::empty({block_v * H / 2}, at::kInt) : Tensor(),
+                        fast ? at::empty({vce / 2 * H}, at::kInt) : Tensor(),
+                        fast ? at::empty({bt * vce}, at::kBFloat16) : Tensor(),
+                        fast ? at::empty({block_v * bt}, at::kBFloat16) : Tensor()};
       },
       [&](BwdState& st, int64_t c) {
         const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
         Tensor wc = w.narrow(0, v0, vc);
-        if (!direct_gw) wc = tile(st.wbuf, vc, H).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
-        Tensor gwc = direct_gw ? grad_w.narrow(0, v0, vc) : tile(st.gw_buf, vc, H);
+        if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
+        Tensor gwc = into_main ? main_grad.narrow(0, v0, vc)
+                     : direct_gw ? grad_w.narrow(0, v0, vc) : tile(st.gw_buf, vc, H);
+        if (fast) {
+          bf16::pack_b(u16(w) + v0 * H, H, H, vc, /*rows_are_n=*/true, u32(st.wbuf), vc);   // for h @ W_c^T
+          bf16::pack_b(u16(w) + v0 * H, H, vc, H, /*rows_are_n=*/false, u32(st.w_pairs), H);  // for G @ W_c
+        }
         for (int64_t t0 = 0; t0 < T; t0 += bt) {
           const int64_t tb = std::min(bt, T - t0);
           Tensor z = tile(st.buf, tb, vc);
           Tensor hb = h.narrow(0, t0, tb);
-          at::mm_out(z, hb, wc.t());
+          if (fast)
+            bf16::gemm(tb, vc, H, u16(h) + t0 * H, H, u32(st.wbuf), vc, reinterpret_cast<float*>(z.data_ptr()), vc,
+                       false);
+          else
+            at::mm_out(z, hb, wc.t());
           acc_t* zp = z.data_ptr<acc_t>();
           // z <- g * (onehot(y) - softmax(z)) = g * dlogp/dz, in place.
           for (int64_t i = 0; i < tb; ++i) {
@@ -214,15 +287,20 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
             const int64_t col = y[t] - vocab_start - v0;
             if (col >= 0 && col < vc) row[col] += gi;
           }
+          if (fast) {
+            if constexpr (std::is_same_v<acc_t, float>) bf16_grad_gemms(st, zp, t0, tb, vc, H, vce, gwc, into_main,
+                                                                        h_pairs);
+            continue;
+          }
           Tensor zt = tile(st.buf_t, vc, tb);
           zt.copy_(z.t());
-          if (t0 == 0)
+          if (t0 == 0 && !into_main)
             at::mm_out(gwc, zt, hb);
           else
             gwc.addmm_(zt, hb);
           st.gh.narrow(0, t0, tb).addmm_(z, wc);
         }
-        if (T == 0) gwc.zero_();
+        if (T == 0 && !into_main) gwc.zero_();
         if (!direct_gw) grad_w.narrow(0, v0, vc).copy_(gwc);
       });
   Tensor grad_h = grad_h_parts.sum(0).to(hidden.scalar_type());
@@ -245,17 +323,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> target_logprob_fwd(const at::Tens
 
 // Given the global lse [T] and dL/dlogp [T], returns (grad_hidden [T, H] of this shard's
 // vocab only, grad_weight [V_local, H]) in the input dtype. Rows with target < 0 get no gradient.
+// With main_grad ([V_local, H], contiguous, accumulation dtype: fp32, or fp64 for fp64 inputs)
+// grad_weight is ADDED into main_grad instead and the second output is an empty [0] tensor.
 std::tuple<at::Tensor, at::Tensor> target_logprob_bwd(const at::Tensor& hidden, const at::Tensor& weight,
                                                       const at::Tensor& targets, const at::Tensor& lse,
                                                       const at::Tensor& grad_logp, int64_t vocab_start,
-                                                      int64_t block_t, int64_t block_v) {
+                                                      int64_t block_t, int64_t block_v,
+                                                      const std::optional<at::Tensor>& main_grad) {
   check_inputs(hidden, weight, targets, block_t, block_v);
   const int64_t T = hidden.size(0);
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == T, "target_logprob_bwd: lse must be [T=", T, "]");
   TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == T, "target_logprob_bwd: grad_logp must be [T=", T, "]");
+  Tensor mg;
+  if (main_grad.has_value() && main_grad->defined()) {
+    mg = *main_grad;
+    TORCH_CHECK(mg.sizes() == weight.sizes() && mg.is_contiguous() && mg.device().is_cpu() &&
+                    mg.scalar_type() == acc_type(hidden),
+                "target_logprob_bwd: main_grad must be a contiguous CPU ", acc_type(hidden), " tensor of the weight's shape ",
+                weight.sizes(), ", got ", mg.scalar_type(), " ", mg.sizes(), mg.is_contiguous() ? "" : " (non-contiguous)");
+  }
   if (hidden.scalar_type() == at::kDouble)
-    return bwd_impl<double>(hidden, weight, targets, lse, grad_logp, vocab_start, block_t, block_v);
-  return bwd_impl<float>(hidden, weight, targets, lse, grad_logp, vocab_start, block_t, block_v);
+    return bwd_impl<double>(hidden, weight, targets, lse, grad_logp, vocab_start, block_t, block_v, mg);
+  return bwd_impl<float>(hidden, weight, targets, lse, grad_logp, vocab_start, block_t, block_v, mg);
 }
 
 }  // namespace dapo

@@ -189,8 +189,14 @@ def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                        grad_logp: torch.Tensor, vocab_start: int, block_t: int | None = None,
-                       block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype."""
+                       block_v: int | None = None, main_grad: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype.
+
+    With ``main_grad`` (accumulation dtype) grad_weight is added into it and None is returned
+    in its place (through the kernel's fp32 buffer: autotune's reset_to_zero must not zero
+    main_grad).
+    """
     _check(hidden, weight, targets)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T, H = hidden.shape
@@ -208,4 +214,7 @@ def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         else:
             _bwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
                 *args, **_flags(hidden.dtype), **meta)
+    if main_grad is not None:
+        main_grad.add_(gw)
+        return gh.to(hidden.dtype), None
     return gh.to(hidden.dtype), gw.to(weight.dtype)

@@ -4,16 +4,25 @@ naive: ``logits = h @ W.T; log_softmax(logits.float()); gather`` (autograd), mat
 fused: :func:`dapo_mcore.ops.fused_target_logprob` (C++ on CPU, Triton on CUDA).
 
 Each (variant, mode, dtype) runs in a fresh subprocess so the CPU peak memory is the process's
-RSS high-water mark (``ru_maxrss``) minus the mark right after the inputs were allocated;
-fwd+bwd includes the gradient tensors both variants create (grad_hidden, grad_weight); the last
-column also gives the ratio of the memory beyond those outputs (fp32 grad_weight alone is 544 MiB
-at V=151936, H=896, so it bounds the plain ratio from below).
+RSS high-water mark (``ru_maxrss``) minus the mark right after the inputs were allocated.
+
+Weight gradient, two settings of fwd+bwd (column ``wgrad``):
+- ``main_grad`` (the default, the fair comparison for Megatron training): the weight is a
+  parameter with a persistent fp32 ``main_grad`` buffer [V, H] (Megatron DDP's grad buffer),
+  allocated and touched BEFORE the baseline, and a grad-accumulator hook that does what
+  Megatron 0.16's DDP hook does (``main_grad += grad`` unless ``grad_added_to_main_grad``, then
+  ``grad = None``). naive: autograd materialises ``weight.grad`` and the hook adds it and frees
+  it; fused: the kernel accumulates into ``main_grad`` directly (no [V, H] temporary).
+- ``returned``: plain tensors; both variants return grad_weight in the input dtype (the memory
+  of grad_hidden and grad_weight is then in both peaks; the last column gives the ratio of the
+  memory beyond those outputs: fp32 grad_weight alone is 519 MiB at V=151936, H=896).
 Time is the minimum over the repeats (after one warm-up run unless --quick) and over `rounds`
 alternating processes; CPU-s (process CPU time, all threads) is printed too: on a shared,
 loaded CPU it is a steadier measure of the work each variant does than wall time.
 
     python scripts/bench_kernels.py --quick     # CPU, T=512 (a few minutes on 2 cores)
     python scripts/bench_kernels.py             # CPU shape T=2048 H=896 V=151936 (Qwen2.5-0.5B), fp32+bf16
+    python scripts/bench_kernels.py --dtype bfloat16 --mode fwd_bwd --wgrad main_grad   # one case
 On a CUDA machine it also runs the paper-scale shapes (T=8192, H=3584/8192, V=152064, TP=1/8:
 TP=8 is simulated on one GPU by its local vocab shard). It always prints an H100 roofline.
 Ends with ``RESULT <name> <value> <unit>`` lines.
@@ -44,6 +53,7 @@ class Case:
     device: str = "cpu"
     variant: str = "fused"   # fused | naive
     mode: str = "fwd_bwd"    # fwd | fwd_bwd
+    wgrad: str = "main_grad"  # main_grad | returned (fwd_bwd only; see the module docstring)
     warmup: int = 1
     repeats: int = 2
 
@@ -69,12 +79,27 @@ def run_case(c: Case) -> dict:
     y = torch.randint(0, c.V, (c.T,), device=dev)
     g = torch.randn(c.T, device=dev)
     fn = fused_target_logprob if c.variant == "fused" else naive_target_logprob
+    keep = []
+    if c.mode == "fwd_bwd" and c.wgrad == "main_grad":
+        w = torch.nn.Parameter(w.detach())
+        w.main_grad = torch.zeros(c.V, c.H, dtype=torch.float32, device=dev)  # persistent, before the baseline
+        w.grad_added_to_main_grad = False
+
+        def ddp_hook(*_) -> None:  # megatron.core DDP _make_backward_post_hook (0.16.1)
+            if w.grad is not None and not w.grad_added_to_main_grad:
+                w.main_grad.add_(w.grad.data)
+            w.grad = None
+
+        keep.append(w.expand_as(w).grad_fn.next_functions[0][0])  # the grad accumulator, kept alive as DDP does
+        keep[0].register_hook(ddp_hook)
 
     def step() -> None:
         if c.mode == "fwd":
             with torch.no_grad():
                 fn(h, w, y)
         else:
+            if hasattr(w, "grad_added_to_main_grad"):
+                w.grad_added_to_main_grad = False  # DDP's zero_grad_buffer
             (fn(h, w, y) * g).sum().backward()
             h.grad = None
             w.grad = None
@@ -135,11 +160,11 @@ def roofline(T: int, H: int, V: int, tp: int, bytes_el: int = 2) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape (T, H, V) | dtype | mode | naive time (s) | fused time (s) | speedup | naive CPU-s | fused CPU-s | "
+    lines = ["| shape (T, H, V) | dtype | mode | wgrad | naive time (s) | fused time (s) | speedup | naive CPU-s | fused CPU-s | "
              "CPU-s ratio | naive peak (MiB) | fused peak (MiB) | mem ratio | mem ratio beyond grad outputs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['T']}, {r['H']}, {r['V']} | {r['dtype']} | {r['mode']} | {r['naive_s']:.3f} | "
+        lines.append(f"| {r['T']}, {r['H']}, {r['V']} | {r['dtype']} | {r['mode']} | {r['wgrad']} | {r['naive_s']:.3f} | "
                      f"{r['fused_s']:.3f} | {r['speedup']:.2f}x | {r['naive_cpu_s']:.2f} | {r['fused_cpu_s']:.2f} | "
                      f"{r['cpu_speedup']:.2f}x | {r['naive_mib']:.0f} | {r['fused_mib']:.0f} | "
                      f"{r['mem_ratio']:.3f} | {r['mem_ratio_excl_grads']:.3f} |")
@@ -148,27 +173,31 @@ def table(rows: list[dict]) -> str:
 
 def _excl_grads(row: dict) -> dict:
     """Peak memory beyond the gradient outputs both variants must return (fwd+bwd only):
-    grad_weight [V, H] and grad_hidden [T, H] in the input dtype."""
+    grad_hidden [T, H] and, with wgrad=returned, grad_weight [V, H], in the input dtype
+    (with wgrad=main_grad the fp32 buffer is allocated before the baseline)."""
     if row["mode"] != "fwd_bwd":
         return {"grads_mib": 0.0, "mem_ratio_excl_grads": row["mem_ratio"]}
     el = 2 if row["dtype"] in ("bfloat16", "float16") else 4
-    grads = (row["V"] + row["T"]) * row["H"] * el / 2**20
+    grads = ((row["V"] if row["wgrad"] == "returned" else 0) + row["T"]) * row["H"] * el / 2**20
     return {"grads_mib": grads, "mem_ratio_excl_grads": max(row["fused_mib"] - grads, 0.0)
             / max(row["naive_mib"] - grads, 1e-9)}
 
 
-def compare(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int) -> list[dict]:
+def compare(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int,
+            wgrads: tuple[str, ...] = ("main_grad",), modes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
     """naive vs fused; variants alternate over `rounds` fresh processes and the best run counts,
     so a burst of load from other jobs on a shared CPU does not land on one variant only."""
     rows = []
-    for mode in ("fwd", "fwd_bwd"):
+    runs = [(m, wg) for m in modes for wg in (wgrads if m == "fwd_bwd" else ("-",))]
+    for mode, wgrad in runs:
         res: dict[str, list[dict]] = {"naive": [], "fused": []}
         for _ in range(rounds):
             for v in ("naive", "fused"):
-                res[v].append(spawn(Case(T, H, V, dtype, device, v, mode, warmup, repeats)))
+                res[v].append(spawn(Case(T, H, V, dtype, device, v, mode, wgrad if wgrad != "-" else "main_grad",
+                                         warmup, repeats)))
         best = {v: {"time_s": min(r["time_s"] for r in rs), "cpu_s": min(r["cpu_s"] for r in rs),
                     "peak_mib": max(r["peak_mib"] for r in rs)} for v, rs in res.items()}
-        rows.append({"T": T, "H": H, "V": V, "dtype": dtype, "mode": mode, "device": device,
+        rows.append({"T": T, "H": H, "V": V, "dtype": dtype, "mode": mode, "wgrad": wgrad, "device": device,
                      "naive_s": best["naive"]["time_s"], "fused_s": best["fused"]["time_s"],
                      "naive_cpu_s": best["naive"]["cpu_s"], "fused_cpu_s": best["fused"]["cpu_s"],
                      "speedup": best["naive"]["time_s"] / best["fused"]["time_s"],
@@ -185,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="CPU only, T=512, fp32, one timed run per variant")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write all rows here")
+    ap.add_argument("--wgrad", choices=("both", "main_grad", "returned"), default="both",
+                    help="weight-gradient setting(s) of the fwd+bwd rows (default both; see the docstring)")
+    ap.add_argument("--dtype", choices=("both", "float32", "bfloat16"), default="both", help="CPU dtypes (full run)")
+    ap.add_argument("--mode", choices=("both", "fwd", "fwd_bwd"), default="both")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(run_case(Case(**json.loads(args.worker)))))
@@ -195,16 +228,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
           f"{Path('/proc/loadavg').read_text().split()[:3] if Path('/proc/loadavg').exists() else '?'}", flush=True)
     print(table([]))
+    wgrads = ("main_grad", "returned") if args.wgrad == "both" else (args.wgrad,)
+    modes = ("fwd", "fwd_bwd") if args.mode == "both" else (args.mode,)
     if args.quick:
-        cpu_rows = compare(512, 896, 151936, "float32", "cpu", warmup=0, repeats=1, rounds=1)
+        cpu_rows = compare(512, 896, 151936, "float32", "cpu", warmup=0, repeats=1, rounds=1, wgrads=wgrads,
+                           modes=modes)
     else:
-        cpu_rows = compare(2048, 896, 151936, "float32", "cpu", warmup=1, repeats=1, rounds=2)
-        cpu_rows += compare(2048, 896, 151936, "bfloat16", "cpu", warmup=1, repeats=1, rounds=2)
+        cpu_rows = []
+        for dt in (("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)):
+            cpu_rows += compare(2048, 896, 151936, dt, "cpu", warmup=1, repeats=1, rounds=2, wgrads=wgrads,
+                                modes=modes)
     gpu_rows = []
     if torch.cuda.is_available() and not args.quick:
         for H in (3584, 8192):
             for tp in (1, 8):
-                gpu_rows += compare(8192, H, 152064 // tp, "bfloat16", "cuda", warmup=2, repeats=5, rounds=1)
+                gpu_rows += compare(8192, H, 152064 // tp, "bfloat16", "cuda", warmup=2, repeats=5, rounds=1,
+                                    wgrads=wgrads)
 
     print(f"\nRoofline estimate on {H100['name']}, fwd+bwd per TP rank, bf16 inputs "
           "(naive: GEMM time + its unfused [T, V] passes; fused: max(FLOP time, HBM time)):")
@@ -222,24 +261,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_rows, "gpu": gpu_rows}, indent=1))
 
-    fb = [r for r in cpu_rows if r["mode"] == "fwd_bwd"]
-    head = fb[0]
     tag = "cpu_quick" if args.quick else "cpu"
-    fwd = [r for r in cpu_rows if r["mode"] == "fwd"][0]
-    print(f"RESULT {tag}_fwd_speedup {fwd['speedup']:.2f} x")
-    print(f"RESULT {tag}_fwd_bwd_speedup {head['speedup']:.2f} x")
-    print(f"RESULT {tag}_fwd_bwd_cpu_time_ratio {head['cpu_speedup']:.2f} x")
-    print(f"RESULT {tag}_peak_mem_ratio {head['mem_ratio']:.3f} x")
-    print(f"RESULT {tag}_peak_mem_ratio_beyond_grad_outputs {head['mem_ratio_excl_grads']:.3f} x")
-    for r in fb[1:]:
-        print(f"RESULT {tag}_{r['dtype']}_fwd_bwd_speedup {r['speedup']:.2f} x")
-        print(f"RESULT {tag}_{r['dtype']}_fwd_bwd_cpu_time_ratio {r['cpu_speedup']:.2f} x")
-        print(f"RESULT {tag}_{r['dtype']}_peak_mem_ratio {r['mem_ratio']:.3f} x")
-        print(f"RESULT {tag}_{r['dtype']}_peak_mem_ratio_beyond_grad_outputs {r['mem_ratio_excl_grads']:.3f} x")
+    for r in cpu_rows:
+        name = tag + ("" if r["dtype"] == "float32" else f"_{r['dtype']}")
+        if r["mode"] == "fwd":
+            print(f"RESULT {name}_fwd_speedup {r['speedup']:.2f} x")
+            continue
+        name += "" if r["wgrad"] == "main_grad" else "_returned_wgrad"
+        print(f"RESULT {name}_fwd_bwd_speedup {r['speedup']:.2f} x")
+        print(f"RESULT {name}_fwd_bwd_cpu_time_ratio {r['cpu_speedup']:.2f} x")
+        print(f"RESULT {name}_peak_mem_ratio {r['mem_ratio']:.3f} x")
+        print(f"RESULT {name}_peak_mem_ratio_beyond_grad_outputs {r['mem_ratio_excl_grads']:.3f} x")
     for r in gpu_rows:
         if r["mode"] == "fwd_bwd":
-            print(f"RESULT gpu_T{r['T']}_H{r['H']}_V{r['V']}_fwd_bwd_speedup {r['speedup']:.2f} x")
-            print(f"RESULT gpu_T{r['T']}_H{r['H']}_V{r['V']}_peak_mem_ratio {r['mem_ratio']:.3f} x")
+            name = f"gpu_T{r['T']}_H{r['H']}_V{r['V']}" + ("" if r["wgrad"] == "main_grad" else "_returned_wgrad")
+            print(f"RESULT {name}_fwd_bwd_speedup {r['speedup']:.2f} x")
+            print(f"RESULT {name}_peak_mem_ratio {r['mem_ratio']:.3f} x")
 
 
 if __name__ == "__main__":

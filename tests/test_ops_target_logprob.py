@@ -68,6 +68,13 @@ def test_float32_and_bf16_tolerances(impl):
 
 
 @needs_cpp
+def test_bf16_odd_hidden_uses_the_upcast_path():
+    """H odd: the AVX512-BF16 kernel (K-pair packing) does not apply; the upcast + MKL path (the one CPUs
+    without avx512_bf16 take) must meet the same tolerances."""
+    _check("cpp", 45, 39, 333, torch.bfloat16, 2e-5, 2e-2)
+
+
+@needs_cpp
 def test_default_blocks_and_large_logits_are_stable():
     # |logits| ~ 1e3: an online log-sum-exp without max subtraction would overflow.
     _check("cpp", 130, 64, 1100, torch.float64, 1e-9, 1e-9, block_t=None, block_v=None, scale=300.0)
@@ -175,3 +182,86 @@ def test_cpp_threads_merge_partial_softmax_states():
         _check("cpp", 70, 24, 1000, torch.bfloat16, 2e-5, 2e-2, block_t=32, block_v=16)
     finally:
         torch.set_num_threads(prev)
+
+
+def _main_grad_run(impl, T, H, V, dtype, megatron_flag, y=None, **kw):
+    """Backward with weight.main_grad pre-filled: returns (param, prefill, h.grad, hook calls)."""
+    h, w, y0, up = _inputs(T, H, V, dtype, seed=3)
+    y = y0 if y is None else y
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    param = torch.nn.Parameter(w.clone())
+    prefill = torch.randn(V, H, generator=torch.Generator().manual_seed(9), dtype=acc)
+    param.main_grad = prefill.clone()
+    calls = []
+    if megatron_flag:
+        param.grad_added_to_main_grad = False
+
+        def hook(*_):  # megatron 0.16 DDP _make_backward_post_hook (overlap_grad_reduce off)
+            if param.grad is not None and not param.grad_added_to_main_grad:
+                param.main_grad.add_(param.grad.data)
+            calls.append(param.grad is not None)
+            param.grad = None
+
+        grad_acc = param.expand_as(param).grad_fn.next_functions[0][0]  # kept alive, as DDP does
+        grad_acc.register_hook(hook)
+    hh = h.clone().requires_grad_()
+    (fused_target_logprob(hh, param, y, impl=impl, **kw) * up.to(acc)).sum().backward()
+    return param, prefill, hh.grad, calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("megatron_flag", [False, True])
+def test_grad_weight_accumulates_into_main_grad(impl, dtype, tol, megatron_flag):
+    # ragged T=37 (block_t 8), V=301 (block_v 64)
+    T, H, V = 37, 24, 301
+    param, prefill, gh, calls = _main_grad_run(impl, T, H, V, dtype, megatron_flag, block_t=8, block_v=64)
+    h, w, y, up = _inputs(T, H, V, dtype, seed=3)
+    _, rgh, rgw = _run(ref.naive_target_logprob, h.double(), w.double(), y, up)
+    assert param.grad is None
+    assert param.main_grad.dtype == prefill.dtype
+    assert _rel(param.main_grad - prefill, rgw) < tol
+    assert _rel(gh, rgh) < tol
+    if megatron_flag:
+        assert param.grad_added_to_main_grad is True
+        assert calls == [True]  # the DDP hook ran (bucket bookkeeping) and discarded the dummy
+
+
+@needs_cpp
+@pytest.mark.parametrize("T,V", [(1, 100), (5, 3), (130, 1100)])
+def test_main_grad_edge_shapes_default_blocks(T, V):
+    # T=1, V < block, T and V not multiples of the default blocks (256, 512)
+    param, prefill, _, _ = _main_grad_run("cpp", T, 16, V, torch.float64, True)
+    h, w, y, up = _inputs(T, 16, V, torch.float64, seed=3)
+    _, _, rgw = _run(ref.naive_target_logprob, h, w, y, up)
+    assert _rel(param.main_grad - prefill, rgw) < 1e-9 and param.grad is None
+
+
+@needs_cpp
+@pytest.mark.parametrize("impl", IMPLS)
+def test_main_grad_untouched_when_all_ignored_and_fallbacks(impl):
+    param, prefill, gh, _ = _main_grad_run(impl, 6, 16, 50, torch.float64, True, y=torch.full((6,), -100))
+    assert torch.equal(param.main_grad, prefill) and (gh == 0).all() and param.grad is None
+    # opt-out: grad_weight is returned as usual, main_grad untouched
+    h, w, y, up = _inputs(9, 16, 50, torch.float32)
+    p = torch.nn.Parameter(w.clone())
+    p.main_grad = torch.zeros(50, 16)
+    (fused_target_logprob(h, p, y, impl=impl, accumulate_into_main_grad=False) * up.float()).sum().backward()
+    assert p.grad is not None and (p.main_grad == 0).all()
+    # a main_grad of another dtype (e.g. bf16 grad buffers) is not fused: grad returned
+    p2 = torch.nn.Parameter(w.clone())
+    p2.main_grad = torch.zeros(50, 16, dtype=torch.bfloat16)
+    (fused_target_logprob(h, p2, y, impl=impl) * up.float()).sum().backward()
+    assert _rel(p2.grad, p.grad) < 1e-6 and (p2.main_grad == 0).all()
+
+
+@needs_cpp
+def test_cpp_main_grad_checks():
+    ops = _C.load()
+    h, w, y, up = _inputs(4, 8, 10, torch.float32)
+    lse = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="main_grad must be"):
+        ops.target_logprob_bwd(h, w, y, lse, up.float(), 0, 8, 8, torch.zeros(10, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="main_grad must be"):
+        ops.target_logprob_bwd(h, w, y, lse, up.float(), 0, 8, 8, torch.zeros(10, 7))

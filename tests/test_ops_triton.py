@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 CHECKS = ["fp64_ragged", "fp64_vocab_splits", "fp32", "bf16", "single_token", "ignore_and_all_ignored",
-          "shard_contract", "dapo_loss_fp64", "dapo_loss_masked_and_empty"]
+          "shard_contract", "main_grad_fp64", "dapo_loss_fp64", "dapo_loss_masked_and_empty"]
 
 
 def _run_checks() -> dict:
@@ -61,6 +61,23 @@ def _run_checks() -> dict:
 
     def bf16():
         return logprob_case(45, 40, 333, torch.bfloat16, 2e-5, 2e-2, block_t=16, block_v=32)[1]
+
+    def main_grad_fp64():
+        # grad_weight added into a pre-filled weight.main_grad; param.grad stays None
+        g = torch.Generator().manual_seed(5)
+        h = torch.randn(37, 24, generator=g, dtype=torch.float64)
+        p = torch.nn.Parameter(torch.randn(301, 24, generator=g, dtype=torch.float64) * 0.3)
+        y = torch.randint(0, 301, (37,), generator=g)
+        up = torch.randn(37, generator=g, dtype=torch.float64)
+        prefill = torch.randn(301, 24, generator=g, dtype=torch.float64)
+        p.main_grad = prefill.clone()
+        (fused_target_logprob(h, p, y, impl="triton", block_t=16, block_v=32) * up).sum().backward()
+        ww = p.detach().clone().requires_grad_()
+        (ref.naive_target_logprob(h, ww, y) * up).sum().backward()
+        assert p.grad is None
+        err = rel(p.main_grad - prefill, ww.grad)
+        assert err < 1e-9, err
+        return [err]
 
     def single_token():
         return logprob_case(1, 16, 70, torch.float64, 1e-9, 1e-9)[1]

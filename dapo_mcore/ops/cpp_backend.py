@@ -19,9 +19,11 @@ def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                        grad_logp: torch.Tensor, vocab_start: int, block_t: int | None = None,
-                       block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _C.load().target_logprob_bwd(hidden, weight, targets.long(), lse, grad_logp, vocab_start,
-                                        block_t or BLOCK_T, block_v or BLOCK_V)
+                       block_v: int | None = None, main_grad: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gh, gw = _C.load().target_logprob_bwd(hidden, weight, targets.long(), lse, grad_logp, vocab_start,
+                                          block_t or BLOCK_T, block_v or BLOCK_V, main_grad)
+    return gh, (None if main_grad is not None else gw)
 
 
 def dapo_loss_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, segment_ids: torch.Tensor, advantages: torch.Tensor,

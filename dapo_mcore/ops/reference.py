@@ -74,8 +74,13 @@ def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                        grad_logp: torch.Tensor, vocab_start: int, block_t: int | None = None,
-                       block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype."""
+                       block_v: int | None = None, main_grad: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype.
+
+    With ``main_grad`` ([V_local, H] in the accumulation dtype) grad_weight is added into it
+    instead and None is returned in its place.
+    """
     acc = acc_dtype(hidden.dtype)
     z = _logits(hidden, weight)
     col, inside = _local_cols(targets, vocab_start, weight.shape[0])
@@ -84,6 +89,9 @@ def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     grad_z.scatter_add_(1, col[:, None], torch.where(inside, g, torch.zeros_like(g))[:, None])
     grad_h = grad_z @ weight.to(acc)
     grad_w = grad_z.t() @ hidden.to(acc)
+    if main_grad is not None:
+        main_grad.add_(grad_w)
+        return grad_h.to(hidden.dtype), None
     return grad_h.to(hidden.dtype), grad_w.to(weight.dtype)
 
 

@@ -8,6 +8,16 @@ sum-exp are all-reduced (MAX, then SUM) over ``tp_group``, targets outside the s
 nothing, and the backward all-reduces grad_hidden, so it returns the FULL gradient of hidden.
 The caller must therefore NOT also wrap hidden in Megatron's
 ``copy_to_tensor_model_parallel_region`` (that would all-reduce it twice).
+
+Gradient-accumulation fusion (as Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``):
+when ``weight`` carries a ``main_grad`` buffer (Megatron DDP's persistent fp32 grad buffer) of
+its shape and the accumulation dtype, the backward ADDS grad_weight into ``weight.main_grad``
+(in the C++ kernel: no [V, H] temporary) and returns no fresh gradient. If the param also has
+``grad_added_to_main_grad`` (set by Megatron's DDP), that flag is set and autograd gets a dummy
+``torch.empty`` gradient, exactly as Megatron does, so DDP's grad-accumulator hook still fires
+(required with ``overlap_grad_reduce``: it marks the bucket ready) and discards it without adding
+(its pages are never touched: no resident memory on CPU). Without that attribute the gradient is
+None (``param.grad`` stays unset).
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ from dapo_mcore.ops.dispatch import backend, resolve_impl
 
 class _TargetLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, tp_group, impl, block_t, block_v):
+    def forward(ctx, hidden, weight, targets, tp_group, impl, block_t, block_v, fuse_param):
         be = backend(impl)
         vocab_start = dist.get_rank(tp_group) * weight.shape[0] if tp_group is not None else 0
         m, s, tgt = be.target_logprob_fwd(hidden, weight, targets, vocab_start, block_t, block_v)
@@ -34,23 +44,45 @@ class _TargetLogprob(torch.autograd.Function):
         logp = torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.cfg = (tp_group, impl, block_t, block_v, vocab_start)
+        ctx.fuse_param = fuse_param  # (param,) whose main_grad receives grad_weight, or None
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
         tp_group, impl, block_t, block_v, vocab_start = ctx.cfg
+        param = ctx.fuse_param[0] if ctx.fuse_param is not None and ctx.needs_input_grad[1] else None
+        main_grad = _fusable_main_grad(param) if param is not None else None
         grad_h, grad_w = backend(impl).target_logprob_bwd(
-            hidden, weight, targets, lse, grad_logp.contiguous(), vocab_start, block_t, block_v)
+            hidden, weight, targets, lse, grad_logp.contiguous(), vocab_start, block_t, block_v,
+            main_grad=main_grad)
         if tp_group is not None:
             dist.all_reduce(grad_h, group=tp_group)
+        if main_grad is not None:
+            grad_w = None
+            if hasattr(param, "grad_added_to_main_grad"):
+                param.grad_added_to_main_grad = True
+                grad_w = torch.empty(param.shape, dtype=param.dtype, device=param.device)
         return (grad_h if ctx.needs_input_grad[0] else None,
-                grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+                grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+
+def _fusable_main_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight.main_grad`` if grad_weight can be accumulated into it in place: same shape and
+    device, contiguous, accumulation dtype (fp32; fp64 for fp64 weights). Else None (the op then
+    returns grad_weight and Megatron's hook adds it)."""
+    mg = getattr(weight, "main_grad", None)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if (isinstance(mg, torch.Tensor) and mg.shape == weight.shape and mg.dtype == acc and mg.is_contiguous()
+            and mg.device == weight.device):
+        return mg
+    return None
 
 
 def fused_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          tp_group: dist.ProcessGroup | None = None, *, impl: str | None = None,
-                         block_t: int | None = None, block_v: int | None = None) -> torch.Tensor:
+                         block_t: int | None = None, block_v: int | None = None,
+                         accumulate_into_main_grad: bool = True) -> torch.Tensor:
     """Log-prob of each target token under ``softmax(hidden @ weight.T)``, differentiable.
 
     Args:
@@ -61,10 +93,14 @@ def fused_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         tp_group: tensor-parallel group (None: the weight is the whole vocab).
         impl: ``"triton"``/``"cpp"``/``"reference"``/``"auto"`` (default: $DAPO_OPS_IMPL or auto).
         block_t, block_v: tile sizes (None: the backend's defaults / autotune).
+        accumulate_into_main_grad: if ``weight`` has a fusable ``main_grad`` (Megatron DDP: fp32,
+            same shape), add grad_weight into it in the backward instead of returning it (see
+            the module docstring). False: always return grad_weight.
 
     Returns:
         logp [T] float32 (float64 for float64 inputs). Backward gives grad_hidden [T, H]
-        (full, all-reduced over tp_group) and grad_weight [V_local, H] in the input dtypes.
+        (full, all-reduced over tp_group) and grad_weight [V_local, H] in the input dtypes
+        (or grad_weight added into ``weight.main_grad``).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_target_logprob: need hidden [T, H] and weight [V, H], got "
@@ -75,11 +111,12 @@ def fused_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.dtype != weight.dtype:
         raise ValueError(f"fused_target_logprob: hidden {hidden.dtype} and weight {weight.dtype} differ")
     name = resolve_impl(impl, hidden.device)
+    fuse = (weight,) if accumulate_into_main_grad and hasattr(weight, "main_grad") else None
     targets = targets.long()
     active = targets >= 0
     if bool(active.all()):
-        return _TargetLogprob.apply(hidden, weight, targets, tp_group, name, block_t, block_v)
+        return _TargetLogprob.apply(hidden, weight, targets, tp_group, name, block_t, block_v, fuse)
     idx = active.nonzero().squeeze(1)
     logp_active = _TargetLogprob.apply(hidden.index_select(0, idx), weight, targets.index_select(0, idx),
-                                       tp_group, name, block_t, block_v)
+                                       tp_group, name, block_t, block_v, fuse)
     return logp_active.new_zeros(targets.shape[0]).index_copy(0, idx, logp_active)
