@@ -25,12 +25,15 @@ from typing import Any, Optional
 import yaml
 
 from dapo_mcore.critic.train import CriticConfig
+from dapo_mcore.parallel.fast_paths import FastPathConfig
 from dapo_mcore.sft.train import SFTConfig
 from dapo_mcore.eval.evaluate import EvalConfig
 from dapo_mcore.rollout.generate import GenerateConfig
 from dapo_mcore.rollout.mc import MCConfig
 
 STAGES = ("generate", "mc", "critic", "advantage", "actor", "eval")
+MEGATRON_STAGES = ("critic", "advantage", "actor", "rft")   # sections with a ``parallel.fast_paths``
+OPTIONAL_SECTIONS = ("toy", "fast_paths")
 CONTROLS = ("outcome", "rft")
 
 
@@ -99,10 +102,13 @@ class RunConfig:
     actor: Any = None       # dapo_mcore.actor.train.ActorConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
     rft: SFTConfig = field(default_factory=SFTConfig)   # the rejection-sampling fine-tuning control
+    # the fast-path switch of every Megatron stage (critic, advantage, actor, rft) unless a stage sets its
+    # own ``<stage>.parallel.fast_paths`` (see dapo_mcore.parallel.fast_paths)
+    fast_paths: Optional[FastPathConfig] = None
 
     def __post_init__(self):
         for name, typ in section_types().items():
-            if getattr(self, name) is None and typ is not None and name != "toy":
+            if getattr(self, name) is None and typ is not None and name not in OPTIONAL_SECTIONS:
                 setattr(self, name, _default_instance(typ))
 
 
@@ -145,7 +151,8 @@ def section_types() -> dict[str, Optional[type]]:
     """Section name -> dataclass; ``None`` for a stage whose module is not installed yet."""
     out: dict[str, Optional[type]] = {"run": RunSection, "model": ModelSection, "data": DataSection,
                                       "toy": ToySection, "generate": GenerateConfig, "mc": MCConfig,
-                                      "critic": CriticConfig, "eval": EvalConfig, "rft": SFTConfig}
+                                      "critic": CriticConfig, "eval": EvalConfig, "rft": SFTConfig,
+                                      "fast_paths": FastPathConfig}
     try:
         from dapo_mcore.actor.advantage import AdvantageConfig
     except ImportError:
@@ -391,7 +398,7 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = (), *,
             raise ConfigError(f"{_where(k, origins)}unknown config key {k!r}{hint}")
         sec_t = types_[k]
         if v is None:
-            kw[k] = None if k == "toy" else _default_instance(sec_t)
+            kw[k] = None if k in OPTIONAL_SECTIONS else _default_instance(sec_t)
             continue
         if not isinstance(v, dict):
             raise ConfigError(f"{_where(k, origins)}section {k!r} must be a mapping, got {v!r}")
@@ -399,8 +406,21 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = (), *,
         base.update(v)
         kw[k] = build(sec_t, base, origins, k)
     cfg = RunConfig(**kw)
+    _apply_fast_paths(cfg, data)
     validate(cfg)
     return cfg
+
+
+def _apply_fast_paths(cfg: RunConfig, data: dict) -> None:
+    """Copy the run-level ``fast_paths`` into every Megatron stage that does not set its own."""
+    if cfg.fast_paths is None:
+        return
+    for name in MEGATRON_STAGES:
+        sec = getattr(cfg, name, None)
+        par = getattr(sec, "parallel", None)
+        own = ((data.get(name) or {}).get("parallel") or {}).get("fast_paths") is not None
+        if par is not None and not own:
+            par.fast_paths = dataclasses.replace(cfg.fast_paths)
 
 
 def _flatten_keys(value: Any, prefix: str) -> list[str]:
@@ -427,6 +447,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"run.iterations must be >= 1, got {r.iterations}")
     if r.nproc < 1:
         raise ConfigError(f"run.nproc must be >= 1, got {r.nproc}")
+    from dapo_mcore.parallel.runtime import ParallelConfigError
+
+    for name in MEGATRON_STAGES:
+        par = getattr(getattr(cfg, name, None), "parallel", None)
+        if par is not None:
+            try:
+                par.paths(cuda=None)
+            except ParallelConfigError as e:
+                raise ConfigError(f"{name}.parallel.fast_paths: {e}") from None
     if cfg.toy is not None:
         for key, v in (("model.policy", cfg.model.policy), ("data.train", cfg.data.train),
                        ("data.eval", cfg.data.eval)):
@@ -452,8 +481,9 @@ def dump_config(cfg: RunConfig) -> str:
     for name, typ in section_types().items():
         if typ is None:
             d.pop(name, None)
-    if d.get("toy") is None:
-        d.pop("toy", None)
+    for name in OPTIONAL_SECTIONS:
+        if d.get(name) is None:
+            d.pop(name, None)
     return yaml.safe_dump(d, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 

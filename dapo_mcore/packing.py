@@ -16,6 +16,14 @@ The attention rule, for query ``i`` and key ``j`` of one row::
 becomes a dense boolean mask (megatron local spec, ``True`` = masked); GPU kernels can evaluate it
 blockwise from ``doc``/``part``.
 
+Two micro-batch layouts (``packing``, chosen by the fast-path switch, ``ResolvedPaths.packing``):
+
+* ``"dense_mask"``: rows stacked ``[b, L]`` (padded to the longest) with a ``[b, 1, L, L]`` mask;
+* ``"thd"``: the real tokens of every row concatenated into one ``[1, T]`` sequence (no padding at all) with
+  ``PackedSeqParams`` (``cu_seqlens`` over the documents; positions restart per document). Examples only:
+  a shared-prefix document (actions attending to their state) is not a set of independent causal
+  sequences, so THD cannot express it; those rows keep the dense mask (or flex_attention).
+
 Next-token targets: the log-prob of an action's first token comes from the hidden state of the **last
 state token** (shared by all actions of the state); later tokens from the previous token of the same
 action. :class:`PackedRow` records, per action, the row positions whose hidden states predict each of its
@@ -156,26 +164,73 @@ def collate(rows: Sequence[PackedRow], pad_id: int = 0, length: int | None = Non
             "lengths": torch.tensor([len(r) for r in rows])}
 
 
-_ROW_POSITION_FIELDS = ("label_index", "src")      # positions in a row: shifted by row * L
+PACKINGS = ("dense_mask", "thd")
+
+
+def collate_thd(rows: Sequence[PackedRow]) -> dict:
+    """Concatenate the real tokens of ``rows`` into one THD sequence of ``T = sum(len(row))`` tokens.
+
+    Returns ``input_ids``/``position_ids`` ``[1, T]`` int64 (positions restart at 0 per document),
+    ``attention_mask`` None, ``packed_seq_params`` (megatron ``PackedSeqParams``, ``qkv_format="thd"``),
+    ``cu_seqlens`` ``[n_docs + 1]`` int32, ``max_seqlen`` int, ``lengths`` ``[b]`` and ``row_offsets``
+    ``[b]`` (where each row starts in ``[T]``). Raises ValueError for a shared-prefix row.
+    """
+    from dapo_mcore.parallel.fast_paths import thd_cu_seqlens, thd_packed_seq_params
+
+    if not rows:
+        raise ValueError("collate_thd needs at least one row")
+    docs, ndoc = [], 0
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"row {i} is empty")
+        if bool((r.part != -1).any()):
+            raise ValueError(f"row {i} holds a shared-prefix document (actions attending to their state): THD "
+                             f"packs only independent causal examples; use packing='dense_mask' for it")
+        docs.append(r.doc + ndoc)                   # document ids unique across the rows
+        ndoc += int(r.doc.max()) + 1
+    cu = thd_cu_seqlens(torch.cat(docs))
+    pos = torch.cat([r.position_ids for r in rows])
+    starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+    if not torch.equal(pos, torch.arange(pos.numel()) - starts):
+        raise ValueError("THD rows need positions restarting at 0 in every document (RoPE follows cu_seqlens)")
+    lengths = torch.tensor([len(r) for r in rows])
+    psp = thd_packed_seq_params(cu)
+    return {"input_ids": torch.cat([r.input_ids for r in rows])[None], "position_ids": pos[None],
+            "attention_mask": None, "packed_seq_params": psp, "cu_seqlens": cu, "max_seqlen": psp.max_seqlen_q,
+            "lengths": lengths, "row_offsets": torch.cumsum(lengths, 0) - lengths}
+
+
+_ROW_POSITION_FIELDS = ("label_index", "src")      # positions in a row: shifted by the row's start
 _LONG_FIELDS = ("label_index", "src", "tgt", "seg")
 _FLOAT_FIELDS = ("targets", "advantages", "ref_logp")
 
 
-def batch_rows(rows: Sequence[tuple[PackedRow, dict]], rows_per_microbatch: int, pad_id: int) -> list[dict]:
-    """Stack packed rows ``rows_per_microbatch`` at a time into micro-batches ``[b, L]``.
+def batch_rows(rows: Sequence[tuple[PackedRow, dict]], rows_per_microbatch: int, pad_id: int,
+               packing: str = "dense_mask") -> list[dict]:
+    """Group packed rows ``rows_per_microbatch`` at a time into micro-batches: ``[b, L]`` rows with a dense
+    mask (:func:`collate`), or with ``packing="thd"`` one padding-free ``[1, T]`` sequence
+    (:func:`collate_thd`).
 
     Each row comes with its extras (python lists): row positions (``label_index``, ``src``) are turned into
-    flat indices into ``[b * L]``; ``seg`` (action index within the row) is renumbered across the rows
-    (``num_segments`` gives a row's count); everything else is concatenated in row order. Several short
-    rows per micro-batch keep the dense CPU attention mask small (``b * L^2`` instead of ``(b * L)^2``).
+    flat indices into ``[b * L]`` (THD: into ``[T]``); ``seg`` (action index within the row) is renumbered
+    across the rows (``num_segments`` gives a row's count); everything else is concatenated in row order.
+    Several short rows per micro-batch keep the dense CPU attention mask small (``b * L^2`` instead of
+    ``(b * L)^2``).
     """
     if rows_per_microbatch < 1:
         raise ValueError(f"rows_per_microbatch must be >= 1, got {rows_per_microbatch}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
     mbs = []
     for c in range(0, len(rows), rows_per_microbatch):
         chunk = rows[c:c + rows_per_microbatch]
-        L = max(len(r) for r, _ in chunk)
-        batch = collate([r for r, _ in chunk], pad_id=pad_id, length=L)
+        if packing == "thd":
+            batch = collate_thd([r for r, _ in chunk])
+            starts = batch["row_offsets"].tolist()
+        else:
+            L = max(len(r) for r, _ in chunk)
+            batch = collate([r for r, _ in chunk], pad_id=pad_id, length=L)
+            starts = [i * L for i in range(len(chunk))]
         merged: dict = {}
         nseg = 0
         for i, (_, ex) in enumerate(chunk):
@@ -183,7 +238,7 @@ def batch_rows(rows: Sequence[tuple[PackedRow, dict]], rows_per_microbatch: int,
                 if k == "num_segments":
                     continue
                 if k in _ROW_POSITION_FIELDS:
-                    v = [x + i * L for x in v]
+                    v = [x + starts[i] for x in v]
                 elif k == "seg":
                     v = [x + nseg for x in v]
                 merged.setdefault(k, []).extend(v)
@@ -221,12 +276,17 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]
     return [sorted(b) for b in bins]
 
 
-def empty_batch(pad_id: int) -> dict:
+def batch_packing(batch: dict) -> str:
+    """The layout of a micro-batch: ``"thd"`` (it carries ``packed_seq_params``) or ``"dense_mask"``."""
+    return "thd" if batch.get("packed_seq_params") is not None else "dense_mask"
+
+
+def empty_batch(pad_id: int, packing: str = "dense_mask") -> dict:
     """A one-token row carrying no labels and no actions: evens out micro-batch counts across
     data-parallel ranks (it contributes nothing to any loss or output)."""
     rb = RowBuilder()
     rb.add_example([pad_id])
-    batch = collate([rb.build()], pad_id=pad_id)
+    batch = collate_thd([rb.build()]) if packing == "thd" else collate([rb.build()], pad_id=pad_id)
     z = torch.zeros(0, dtype=torch.long)
     batch.update(label_index=z, targets=torch.zeros(0), example_index=[],
                  src=z, tgt=z, seg=z, action_keys=[], advantages=torch.zeros(0), ref_logp=torch.zeros(0))
@@ -235,10 +295,11 @@ def empty_batch(pad_id: int) -> dict:
 
 def dp_share(mbs: Sequence[dict], pad_id: int) -> list[dict]:
     """This data-parallel rank's micro-batches (round robin: global index ``i * dp + rank``), padded with
-    :func:`empty_batch` so every DP rank runs the same number of micro-batches."""
+    :func:`empty_batch` (in the micro-batches' layout) so every DP rank runs the same number of micro-batches."""
     from megatron.core import parallel_state as ps
 
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per = max(1, -(-len(mbs) // dp))
     mine = list(mbs[r::dp])
-    return mine + [empty_batch(pad_id) for _ in range(per - len(mine))]
+    packing = batch_packing(mbs[0]) if mbs else "dense_mask"
+    return mine + [empty_batch(pad_id, packing) for _ in range(per - len(mine))]

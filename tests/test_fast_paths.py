@@ -15,11 +15,11 @@ def test_switch_selects_paths():
     cpu = resolve(FastPathConfig(), tp=2, cuda=False, te=False)
     assert (cpu.gpu, cpu.layer_spec, cpu.packing, cpu.shared_prefix_attention, cpu.params_dtype) == \
         (False, "local", "dense_mask", "dense_mask", "float32")
-    assert not (cpu.recompute or cpu.distributed_optimizer or cpu.overlap_grad_reduce)
-    gpu = resolve(FastPathConfig(recompute=True), tp=2, cuda=True, te=True)
+    assert cpu.recompute == "none" and not (cpu.distributed_optimizer or cpu.overlap_grad_reduce)
+    gpu = resolve(FastPathConfig(recompute="full"), tp=2, cuda=True, te=True)
     assert (gpu.gpu, gpu.layer_spec, gpu.packing, gpu.shared_prefix_attention, gpu.params_dtype) == \
         (True, "transformer_engine", "thd", "flex", "bfloat16")
-    assert gpu.recompute and gpu.distributed_optimizer and gpu.overlap_param_gather
+    assert gpu.recompute == "full" and gpu.distributed_optimizer and gpu.overlap_param_gather
     no_te = resolve(FastPathConfig(), tp=1, cuda=True, te=False)
     assert (no_te.layer_spec, no_te.packing) == ("local", "dense_mask")        # THD needs TE attention
     forced_cpu = resolve(FastPathConfig(mode="cpu"), tp=1, cuda=True, te=True)
@@ -28,16 +28,59 @@ def test_switch_selects_paths():
 
 @pytest.mark.parametrize("cfg,tp,cuda,te,msg", [
     (FastPathConfig(mode="gpu"), 1, False, False, "CUDA is not available"),
-    (FastPathConfig(sequence_parallel=True), 1, True, True, "requires tensor_model_parallel_size > 1"),
-    (FastPathConfig(sequence_parallel=True), 2, False, False, "sequence_parallel is a GPU path"),
-    (FastPathConfig(sequence_parallel=True), 2, True, False, "needs the Transformer Engine layer spec"),
+    (FastPathConfig(), 1, True, True, "requires tensor_model_parallel_size > 1"),
+    (FastPathConfig(), 2, False, False, "sequence_parallel is a GPU path"),
+    (FastPathConfig(mode="emulate"), 2, False, False, "sequence_parallel is a GPU path"),
+    (FastPathConfig(), 2, True, False, "needs the Transformer Engine layer spec"),
     (FastPathConfig(distributed_optimizer=False), 1, True, True, "overlap_param_gather requires distributed_optimizer"),
+    (FastPathConfig(mode="emulate", distributed_optimizer=False), 1, False, False,
+     "overlap_param_gather requires distributed_optimizer"),
+    (FastPathConfig(recompute="some"), 1, True, True, "recompute must be one of"),
     (FastPathConfig(mode="fast"), 1, True, True, "mode must be one of"),
     (FastPathConfig(shared_prefix_attention="xformers"), 1, True, True, "must be 'flex' or 'dense'"),
 ])
 def test_switch_validates(cfg, tp, cuda, te, msg):
+    sp = any(w in msg for w in ("sequence_parallel", "Transformer Engine", "tensor_model_parallel_size"))
     with pytest.raises(FastPathError, match=msg):
-        resolve(cfg, tp=tp, cuda=cuda, te=te)
+        resolve(cfg, tp=tp, sequence_parallel=sp, cuda=cuda, te=te)
+
+
+def test_emulate_runs_the_gpu_configuration_on_cpu():
+    """emulate on a CPU: the GPU run's megatron features, with the portable kernels (local spec, dense
+    shared-prefix masks: flex has no CPU backward) and THD packing through the CPU varlen attention."""
+    emu = resolve(FastPathConfig(mode="emulate", recompute="full"), tp=2, cuda=False, te=False)
+    assert (emu.gpu, emu.layer_spec, emu.packing, emu.shared_prefix_attention, emu.params_dtype) == \
+        (False, "local", "thd", "dense_mask", "bfloat16")
+    assert emu.recompute == "full" and emu.distributed_optimizer and emu.overlap_grad_reduce \
+        and emu.overlap_param_gather and not emu.sequence_parallel
+    assert resolve(FastPathConfig(mode="emulate", thd_packing=False, bf16=False), tp=1, cuda=False).packing == \
+        "dense_mask"
+    auto = resolve(FastPathConfig(recompute="full"), tp=1, cuda=False, te=False)   # auto on CPU: portable
+    assert auto.recompute == "none" and not auto.bf16 and not auto.distributed_optimizer
+
+
+def test_stage_flags_and_config_flow():
+    """Every Megatron stage accepts the launchers' flags; the fast-path flags land in parallel.fast_paths."""
+    import argparse
+
+    from dapo_mcore.parallel.runtime import ParallelConfig, ParallelConfigError, add_parallel_args, parallel_from_args
+
+    ap = argparse.ArgumentParser()
+    add_parallel_args(ap)
+    a = ap.parse_args(["--tp", "2", "--micro-batch", "2", "--global-batch", "64", "--recompute", "full",
+                       "--fast-paths", "emulate", "--no-bf16", "--distributed-optimizer"])
+    p = parallel_from_args(a)
+    assert (a.micro_batch, a.global_batch) == (2, 64)
+    assert (p.fast_paths.mode, p.fast_paths.recompute, p.fast_paths.bf16, p.fast_paths.distributed_optimizer) == \
+        ("emulate", "full", False, True)
+    paths = p.paths(cuda=False)
+    assert paths.recompute == "full" and paths.params_dtype == "float32"
+    base = ParallelConfig(fast_paths=FastPathConfig(mode="emulate", recompute="selective"))
+    assert parallel_from_args(ap.parse_args([]), base).fast_paths.recompute == "selective"   # unset: config's
+    off = parallel_from_args(ap.parse_args(["--fast-paths", "emulate", "--no-distributed-optimizer"]))
+    assert not off.paths(cuda=False).overlap_param_gather
+    with pytest.raises(ParallelConfigError, match="recompute must be one of"):
+        ParallelConfig(fast_paths=FastPathConfig(recompute="x")).validate(1, cuda=False)
 
 
 def test_thd_cu_seqlens_from_packed_row():
@@ -103,3 +146,17 @@ def test_flex_core_attention_in_megatron_equals_dense(tp, tiny_qwen2, torchrun, 
     assert r["core"] == "FlexCoreAttention" and r["backend"] == "flex"
     assert r["max_abs_diff"] <= 1e-5
     assert r["wrong_mask_diff"] > 1e-2
+
+
+def test_run_config_fast_paths_flow_to_every_megatron_stage(tmp_path):
+    from dapo_mcore.config import ConfigError, load_run_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("toy: {}\nfast_paths: {mode: emulate, recompute: full}\nactor:\n  parallel: {fast_paths: {mode: cpu}}\n")
+    c = load_run_config(f)
+    assert [getattr(c, s).parallel.fast_paths.mode for s in ("critic", "advantage", "rft")] == ["emulate"] * 3
+    assert c.critic.parallel.fast_paths.recompute == "full"
+    assert c.actor.parallel.fast_paths.mode == "cpu"                  # a stage's own setting wins
+    assert load_run_config(None, ["toy.seed=0"]).critic.parallel.fast_paths.mode == "auto"
+    with pytest.raises(ConfigError, match="critic.parallel.fast_paths: .*recompute must be one of"):
+        load_run_config(f, ["fast_paths.recompute=bad"])

@@ -51,7 +51,7 @@ class ActorConfig:
     show_progress: bool = True
     tensorboard: bool = True
     ops_impl: Optional[str] = None      # force "cpp" | "triton" | "reference" (default: auto)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # layout + fast_paths
 
     def validate(self) -> None:
         if not self.init_path:
@@ -103,9 +103,8 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
 
     from dapo_mcore.models.convert import save_hf_checkpoint
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import (LoopConfig, load_chunks, optim_config, pad_token_id, read_metrics, resume,
+    from dapo_mcore.training.loop import (LoopConfig, load_chunks, make_trainer, pad_token_id, read_metrics, resume,
                                           run_loop, write_summary)
-    from dapo_mcore.training.trainer import MegatronTrainer
 
     cfg.validate()
     out = Path(out_dir)
@@ -121,7 +120,7 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
                          f"(e.g. {too_long[0]}); raise actor.token_budget")
     arch, chunks = load_chunks(cfg.init_path, cfg.parallel)
     steps = state_batches(groups, cfg.global_batch_actions, cfg.epochs, cfg.seed)
-    trainer = MegatronTrainer(chunks, optim_config(cfg), total_steps=len(steps))
+    trainer = make_trainer(chunks, cfg, total_steps=len(steps))
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("actor", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
     finished = run_loop(
@@ -156,17 +155,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=5e-7)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--global-batch-actions", type=int, default=2048)
     ap.add_argument("--token-budget", type=int, default=4096)
-    ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--no-shared-prefix", action="store_true", help="lay out each (s, a) separately")
-    add_parallel_args(ap)
+    add_parallel_args(ap)   # also --global-batch (actions), --micro-batch (rows), fast-path flags
+    ap.add_argument("--global-batch-actions", dest="global_batch", type=int, help="alias of --global-batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
     a = ap.parse_args(argv)
+    d = ActorConfig()
     cfg = ActorConfig(init_path=a.init, beta=a.beta, lr=a.lr, epochs=a.epochs,
-                      global_batch_actions=a.global_batch_actions, token_budget=a.token_budget,
-                      rows_per_microbatch=a.rows_per_microbatch,
+                      global_batch_actions=a.global_batch or d.global_batch_actions, token_budget=a.token_budget,
+                      rows_per_microbatch=a.micro_batch or d.rows_per_microbatch,
                       shared_prefix=not a.no_shared_prefix, seed=a.seed, max_steps=a.max_steps,
                       parallel=parallel_from_args(a))
     run_train_actor(cfg, a.adv, a.out)

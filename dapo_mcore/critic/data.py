@@ -118,13 +118,15 @@ def truncate(ex: CriticExample, max_len: int) -> CriticExample | None:
 
 
 def pack_examples(examples: Sequence[CriticExample], token_budget: int, pad_id: int,
-                  rows_per_microbatch: int = 1) -> list[dict]:
+                  rows_per_microbatch: int = 1, packing: str = "dense_mask") -> list[dict]:
     """FFD-pack examples into rows of at most ``token_budget`` tokens, ``rows_per_microbatch`` rows per
     micro-batch.
 
-    Each micro-batch: ``input_ids``/``position_ids`` ``[b, L]``, ``attention_mask`` ``[b, 1, L, L]``
-    (block-diagonal, causal), ``label_index`` ``[n]`` int64 (flat index into ``[b * L]``),
-    ``targets`` ``[n]`` float32, ``example_index`` (indices into ``examples``, in label order).
+    Each micro-batch (``packing="dense_mask"``): ``input_ids``/``position_ids`` ``[b, L]``,
+    ``attention_mask`` ``[b, 1, L, L]`` (block-diagonal, causal), ``label_index`` ``[n]`` int64 (flat index
+    into ``[b * L]``), ``targets`` ``[n]`` float32, ``example_index`` (indices into ``examples``, in label
+    order). ``packing="thd"``: ``[1, T]`` with no padding, ``packed_seq_params`` and no mask, ``label_index``
+    into ``[T]`` (:func:`dapo_mcore.packing.collate_thd`).
     """
     rows = []
     for b in first_fit_decreasing([len(e) for e in examples], token_budget):
@@ -135,7 +137,7 @@ def pack_examples(examples: Sequence[CriticExample], token_budget: int, pad_id: 
             idx += [span.start + p for p in examples[i].label_pos]
             tgt += examples[i].targets
         rows.append((rb.build(), {"label_index": idx, "targets": tgt, "example_index": list(b)}))
-    return batch_rows(rows, rows_per_microbatch, pad_id)
+    return batch_rows(rows, rows_per_microbatch, pad_id, packing)
 
 
 def read_mc(mc_dir: str | Path) -> list[dict]:

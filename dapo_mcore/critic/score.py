@@ -4,7 +4,9 @@ Groups (a state and its candidate actions) are packed with the shared-prefix lay
 :mod:`dapo_mcore.packing` (each action attends to its state and itself; positions continue from the
 state's length) into rows of at most ``token_budget`` tokens, first-fit decreasing; rows are spread over
 data-parallel ranks and run through the pipeline forward-only. ``V(s ⊕ a_i)`` is read at the action's
-last token, ``V(s)`` at the state's last token.
+last token, ``V(s)`` at the state's last token. Shared-prefix rows cannot be THD (actions attend to their
+state, not only to themselves), so scoring always uses the dense mask / flex_attention, whatever
+``ResolvedPaths.packing`` says; :func:`value_collect_step` also serves THD batches (critic ``predict``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def pack_groups(groups: Sequence[ScoreGroup], token_budget: int, pad_id: int, ro
 
 def value_collect_step(model, batch: dict):
     """Forward-only step: sigmoid values at ``label_index`` in the logs."""
-    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                packed_seq_params=batch.get("packed_seq_params"))
 
     def loss_fn(o):
         v = torch.sigmoid(o.float().reshape(-1)[batch["label_index"]])

@@ -48,14 +48,15 @@ class CriticConfig:
     max_steps: int = 0                # stop after this many steps in this invocation (checkpoint; resumable)
     show_progress: bool = True
     tensorboard: bool = True
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # layout + fast_paths
 
 
 def value_forward_step(model, batch: dict):
     """Value logits at the labelled positions; loss = BCE-with-logits sum, count = #labels."""
     from dapo_mcore.training.trainer import make_loss_fn
 
-    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                packed_seq_params=batch.get("packed_seq_params"))
 
     def compute(o):
         logit = o.float().reshape(-1)[batch["label_index"]]
@@ -69,11 +70,14 @@ def value_forward_step(model, batch: dict):
 
 def predict(chunks: list, examples: list[CriticExample], token_budget: int, pad_id: int,
             rows_per_microbatch: int = 1) -> list[float]:
-    """V at every label of ``examples`` (in order), through the pipeline; the same list on every rank."""
+    """V at every label of ``examples`` (in order), through the pipeline; the same list on every rank.
+    Batches in the layout the chunks were built for (THD or dense mask: ``model_packing``)."""
+    from dapo_mcore.models.gpt import model_packing
+
     if not examples:
         return []
-    vals = values_by_example(chunks, pack_examples(examples, token_budget, pad_id, rows_per_microbatch),
-                             [len(e.label_pos) for e in examples], pad_id)
+    mbs = pack_examples(examples, token_budget, pad_id, rows_per_microbatch, model_packing(chunks))
+    vals = values_by_example(chunks, mbs, [len(e.label_pos) for e in examples], pad_id)
     return [v for per in vals for v in per]
 
 
@@ -99,11 +103,11 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     from transformers import AutoTokenizer
 
     from dapo_mcore.models.convert import save_hf_checkpoint
+    from dapo_mcore.models.gpt import model_packing
     from dapo_mcore.models.hf_config import load_arch
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, optim_config, pad_token_id, resume,
+    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, make_trainer, pad_token_id, resume,
                                           run_loop, tensorboard_scalars, write_summary)
-    from dapo_mcore.training.trainer import MegatronTrainer
 
     if not cfg.init_path:
         raise ValueError("critic.init_path is required (an HF checkpoint to initialise the critic from)")
@@ -122,13 +126,14 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
 
     _, chunks = load_chunks(cfg.init_path, cfg.parallel, value_head=True, value_head_seed=cfg.seed)
     steps = epoch_batches(len(train), cfg.global_batch, cfg.epochs, cfg.seed)
-    trainer = MegatronTrainer(chunks, optim_config(cfg), total_steps=len(steps))
+    trainer = make_trainer(chunks, cfg, total_steps=len(steps))
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("critic", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
+    packing = model_packing(trainer.chunks)          # "thd" | "dense_mask", from the fast-path switch
     finished = run_loop(
         trainer, loop, out,
         lambda i: dp_share(pack_examples([train[j] for j in steps[i]], cfg.token_budget, pad_id,
-                                         cfg.rows_per_microbatch), pad_id),
+                                         cfg.rows_per_microbatch, packing), pad_id),
         value_forward_step,
         lambda r: {"loss": r.loss, "brier": r.logs.get("sq_err", float("nan")), "grad_norm": r.grad_norm,
                    "lr": r.lr, "labels": r.count})
@@ -162,17 +167,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--global-batch", type=int, default=512)
     ap.add_argument("--token-budget", type=int, default=4096)
-    ap.add_argument("--rows-per-microbatch", type=int, default=1)
     ap.add_argument("--use-completions", action="store_true")
-    add_parallel_args(ap)
+    add_parallel_args(ap)   # also --global-batch (examples), --micro-batch (rows), fast-path flags
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
     a = ap.parse_args(argv)
-    cfg = CriticConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch,
-                       token_budget=a.token_budget, rows_per_microbatch=a.rows_per_microbatch, use_completions=a.use_completions, seed=a.seed,
-                       max_steps=a.max_steps,
+    d = CriticConfig()
+    cfg = CriticConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch or d.global_batch,
+                       token_budget=a.token_budget, rows_per_microbatch=a.micro_batch or d.rows_per_microbatch,
+                       use_completions=a.use_completions, seed=a.seed, max_steps=a.max_steps,
                        parallel=parallel_from_args(a))
     run_train_critic(cfg, a.mc, a.out)
 

@@ -5,6 +5,9 @@
 * RoPE taken from ``position_ids`` (megatron's GPTModel uses ``0..s-1`` whatever ``position_ids`` say,
   which breaks packed rows and the shared-prefix layout where an action's positions continue from its
   state's length);
+* THD packed batches (``packed_seq_params``, ``input_ids`` ``[1, T]``, no mask): megatron's own RoPE then
+  restarts at 0 in every ``cu_seqlens`` document, which is what THD ``position_ids`` say (checked), and the
+  core attention is :class:`~dapo_mcore.parallel.fast_paths.ThdCoreAttention` on CPU (TE's on GPU);
 * ``forward(..., output="hidden")`` returning the final-norm hidden states ``[b, s, H]`` instead of
   logits, so the fused log-prob kernel can read them with :meth:`output_weight` and never build
   ``[tokens, vocab]`` logits.
@@ -48,21 +51,30 @@ def default_paths():
 
 
 def _layer_spec(paths):
-    """The layer spec the fast-path switch chose (``paths``: a ``ResolvedPaths``). With
-    ``shared_prefix_attention == "flex"`` the core attention is ``FlexCoreAttention``."""
+    """The layer spec the fast-path switch chose (``paths``: a ``ResolvedPaths``).
+
+    Core attention: the spec's own, or ``FlexCoreAttention`` with ``shared_prefix_attention == "flex"``
+    (masked rows). With ``packing == "thd"`` it is wrapped in ``ThdCoreAttention`` (THD batches: CPU varlen
+    SDPA, or TE's attention when flex took its slot) unless the TE attention already does both."""
     import copy
+    import functools
 
     from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    from dapo_mcore.parallel.fast_paths import FlexCoreAttention, ThdCoreAttention
 
     if paths.layer_spec == "transformer_engine":
         spec = specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention.submodules
+    native = attn.core_attention
     if paths.shared_prefix_attention == "flex":
-        from dapo_mcore.parallel.fast_paths import FlexCoreAttention
-
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = FlexCoreAttention
+        attn.core_attention = FlexCoreAttention
+    if paths.packing == "thd" and not (paths.layer_spec == "transformer_engine" and attn.core_attention is native):
+        thd = native if paths.layer_spec == "transformer_engine" else None
+        attn.core_attention = functools.partial(ThdCoreAttention, masked=attn.core_attention, thd=thd)
     return spec
 
 
@@ -75,15 +87,22 @@ def _gpt_model_class():
         _output_mode = "logits"
 
         def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
-                    *args, output: str = "logits", **kwargs):
+                    *args, output: str = "logits", packed_seq_params=None, **kwargs):
             if output not in ("logits", "hidden"):
                 raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+            thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+            if thd:
+                _check_thd_inputs(input_ids, position_ids, attention_mask, packed_seq_params)
+                kwargs["packed_seq_params"] = packed_seq_params
+            elif packed_seq_params is not None:
+                raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
             if getattr(self, "attention_backend", "dense_mask") == "flex" and torch.is_tensor(attention_mask):
                 from dapo_mcore.parallel.fast_paths import block_mask_from_dense
 
                 attention_mask = block_mask_from_dense(attention_mask)
             self._output_mode = output
-            self._position_ids = position_ids
+            # THD: megatron's cu_seqlens RoPE (positions restart per document) == position_ids (checked)
+            self._position_ids = None if thd else position_ids
             try:
                 return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
             finally:
@@ -113,6 +132,33 @@ def _gpt_model_class():
             return self.output_layer.weight
 
     return DapoGPTModel
+
+
+def _check_thd_inputs(input_ids: Optional[Tensor], position_ids: Optional[Tensor], attention_mask, psp) -> None:
+    """A THD batch: ``[1, T]`` tokens, no mask, ``cu_seqlens`` ending at T, positions restarting per document."""
+    cu = psp.cu_seqlens_q
+    if attention_mask is not None:
+        raise ValueError("a THD batch (packed_seq_params) takes attention_mask=None")
+    if position_ids is None:
+        return
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1 or int(cu[-1]) != position_ids.shape[1]:
+        raise ValueError(f"THD position_ids must be [1, T] with T = cu_seqlens[-1] = {int(cu[-1])}, "
+                         f"got {tuple(position_ids.shape)}")
+    if input_ids is not None and input_ids.shape != position_ids.shape:
+        raise ValueError(f"THD input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
+    lens = (cu[1:] - cu[:-1]).long()
+    starts = torch.repeat_interleave(cu[:-1].long().to(position_ids.device), lens.to(position_ids.device))
+    if not torch.equal(position_ids[0], torch.arange(position_ids.shape[1], device=position_ids.device) - starts):
+        raise ValueError("THD position_ids must restart at 0 in every cu_seqlens document (megatron's RoPE does)")
+
+
+def model_packing(chunks) -> str:
+    """The packing (``"thd"`` | ``"dense_mask"``) the model chunk(s) were built for (``ResolvedPaths.packing``),
+    through DDP/Float16 wrappers: what batch builders must produce for them."""
+    m = chunks[0] if isinstance(chunks, (list, tuple)) else chunks
+    while hasattr(m, "module"):
+        m = m.module
+    return getattr(m, "packing", "dense_mask")
 
 
 def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_process: bool = True,
@@ -147,6 +193,7 @@ def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_pr
         model.output_layer = ValueHead(arch.hidden_size, config.params_dtype, arch.init_std, value_head_seed)
     model.is_value_model = value_head
     model.attention_backend = paths.shared_prefix_attention
+    model.packing = paths.packing
     return model
 
 

@@ -121,19 +121,25 @@ def load_arch(model_dir: str | Path) -> ArchSpec:
     return arch_from_dict(cfg, str(path))
 
 
-def transformer_config(arch: ArchSpec, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                       sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                       recompute: bool = False, **overrides: Any):
-    """The megatron ``TransformerConfig`` for ``arch`` under the given layout.
+def transformer_config(arch: ArchSpec, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, paths=None,
+                       **overrides: Any):
+    """The megatron ``TransformerConfig`` for ``arch`` under the given layout and fast paths.
 
-    Fusions that need CUDA kernels (RoPE, masked softmax, bias-dropout, grad-accumulation) are enabled
-    only when CUDA is present; dropout is 0 (offline RL fine-tuning; CPU has no per-rank RNG streams).
+    ``paths``: a :class:`dapo_mcore.parallel.fast_paths.ResolvedPaths` (default: the portable CPU paths,
+    fp32); it sets ``params_dtype``/``bf16``, ``sequence_parallel`` and activation recompute (``"full"``:
+    every layer, method uniform; ``"selective"``: core attention). Fusions that need CUDA kernels (masked
+    softmax, bias-dropout) are enabled only when CUDA is present; dropout is 0 (offline RL fine-tuning; CPU
+    has no per-rank RNG streams).
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
+    from dapo_mcore.parallel.fast_paths import PORTABLE
+
+    paths = PORTABLE if paths is None else paths
     arch.check_parallel(tp, pp)
     cuda = torch.cuda.is_available()
+    dtype = paths.torch_dtype
     kw: dict[str, Any] = dict(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
@@ -142,16 +148,17 @@ def transformer_config(arch: ArchSpec, tp: int = 1, pp: int = 1, vpp: Optional[i
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=arch.init_std,
         attention_softmax_in_fp32=True,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
-        params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=paths.sequence_parallel,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         apply_rope_fusion=False, masked_softmax_fusion=cuda, bias_activation_fusion=False,
         bias_dropout_fusion=cuda, gradient_accumulation_fusion=False, persist_layer_norm=False,
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
         # interleaved PP on gloo gives silently wrong gradients with batched p2p (notes)
         batch_p2p_comm=cuda and vpp is None, batch_p2p_sync=cuda,
     )
-    if recompute:
+    if paths.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif paths.recompute == "selective":
+        kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     kw.update(overrides)
     return TransformerConfig(**kw)

@@ -109,6 +109,32 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_named_type(self, dtype=None, non_blocking: bool = False, **kwargs):
+    """``Tensor.type()`` that names a CPU tensor as its CUDA twin (``torch.BFloat16Tensor`` ->
+    ``torch.cuda.BFloat16Tensor``); with a ``dtype`` argument it is the plain conversion."""
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_cuda_type_names(init):
+    """Wrap an optimizer ``__init__`` whose parameter classification compares ``param.type()`` with the
+    ``torch.cuda.*Tensor`` names: during that call only, CPU tensors report the CUDA names."""
+
+    def wrapper(self, *args, **kwargs):
+        torch.Tensor.type = _cuda_named_type  # type: ignore[method-assign]
+        try:
+            return init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE  # type: ignore[method-assign]
+
+    wrapper.__wrapped__ = init  # type: ignore[attr-defined]
+    return wrapper
+
+
 def cuda_absent() -> bool:
     return not torch.cuda.is_available()
 
@@ -140,6 +166,24 @@ def apply() -> bool:
         mod = importlib.import_module(name)
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):
             mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    # Float16OptimizerWithFloat16Params.__init__ and DistributedOptimizer.__init__
+    # (_build_model_and_main_param_groups): `param.type() in ['torch.cuda.HalfTensor',
+    # 'torch.cuda.BFloat16Tensor']` / `== 'torch.cuda.FloatTensor'` else TypeError "Wrapped parameters must be
+    # one of torch.cuda.FloatTensor, ...": bf16 params with fp32 main params and the distributed optimizer.
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+    # tensor_parallel.random.CheckpointFunction (activation recompute) saves and restores the CUDA RNG
+    # state with _get_cuda_rng_state (torch.cuda.random.get_rng_state: "Torch not compiled with CUDA")
+    # and _set_cuda_rng_state. Without CUDA there is no such state: get -> None, set -> no-op. The CPU RNG
+    # state and the tracker's get_states()/set_states() (a dict of named states, empty for the inference
+    # tracker installed on CPU) are saved and restored by megatron itself.
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: None
+    random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: None
 
     _APPLIED = True
     return True

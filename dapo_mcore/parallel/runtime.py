@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
 
 import torch
 
 from dapo_mcore.parallel import cpu_patches
+from dapo_mcore.parallel.fast_paths import (FastPathConfig, FastPathError, ResolvedPaths, add_fast_path_args,
+                                            fast_paths_from_args, resolve)
 
 
 class ParallelConfigError(ValueError):
@@ -22,7 +24,10 @@ class ParallelConfigError(ValueError):
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel layout. DP is derived: ``world_size // (tp * pp * cp)``."""
+    """Model-parallel layout and the fast-path switch. DP is derived: ``world_size // (tp * pp * cp)``.
+
+    ``fast_paths`` (:class:`FastPathConfig`) chooses bf16, recompute, the distributed optimizer, overlap and
+    the attention/packing kernels; :meth:`paths` resolves it for this machine and layout."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -31,6 +36,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     seed: int = 1234
     timeout_minutes: int = 30
+    fast_paths: FastPathConfig = field(default_factory=FastPathConfig)
+
+    def paths(self, cuda: Optional[bool] = None) -> ResolvedPaths:
+        """The fast paths this run takes (raises :class:`ParallelConfigError` for an impossible choice)."""
+        try:
+            return resolve(self.fast_paths, self.tensor_model_parallel_size, self.sequence_parallel, cuda=cuda)
+        except FastPathError as e:
+            raise ParallelConfigError(str(e)) from None
 
     def validate(self, world_size: int, cuda: bool) -> None:
         """Raise :class:`ParallelConfigError` naming the offending setting."""
@@ -53,6 +66,7 @@ class ParallelConfig:
                 "sequence_parallel needs the Transformer Engine layer spec (GPU); the CPU local spec fails with it")
         if cp > 1 and not cuda:
             raise ParallelConfigError("context parallelism needs Transformer Engine attention (GPU)")
+        self.paths(cuda=cuda)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -60,18 +74,31 @@ class ParallelConfig:
 
 
 def add_parallel_args(ap) -> None:
-    """The layout flags every Megatron stage's command line takes (the launchers append them as given)."""
+    """The layout, batch and fast-path flags every Megatron stage's command line takes: the launchers
+    (``scripts/launch_torchrun.sh``, ``scripts/slurm_dapo.sbatch``) append them as given.
+
+    ``--micro-batch`` (alias ``--rows-per-microbatch``) is packed rows per micro-batch; ``--global-batch``
+    is the optimizer step's batch in the stage's unit (examples for critic/SFT, actions for the actor;
+    forward-only stages take no global batch). Both default to the stage config's value (None here)."""
     g = ap.add_argument_group("parallel layout")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     g.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per pipeline rank")
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel (GPU, TP > 1)")
+    g.add_argument("--micro-batch", "--rows-per-microbatch", dest="micro_batch", type=int, default=None,
+                   help="packed rows per micro-batch")
+    g.add_argument("--global-batch", type=int, default=None,
+                   help="items per optimizer step (examples; actions for the actor)")
+    add_fast_path_args(ap)
 
 
-def parallel_from_args(a) -> ParallelConfig:
-    """The :class:`ParallelConfig` of flags added by :func:`add_parallel_args`."""
+def parallel_from_args(a, base: Optional[ParallelConfig] = None) -> ParallelConfig:
+    """The :class:`ParallelConfig` of flags added by :func:`add_parallel_args` (fast paths not given on the
+    command line keep ``base.fast_paths``)."""
+    fp = fast_paths_from_args(a, base.fast_paths if base is not None else None)
     return ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                          virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sequence_parallel)
+                          virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sequence_parallel,
+                          fast_paths=fp)
 
 
 def _free_port() -> int:

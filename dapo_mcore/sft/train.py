@@ -40,7 +40,7 @@ class SFTConfig:
     max_steps: int = 0
     show_progress: bool = True
     tensorboard: bool = True
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # layout + fast_paths
 
 
 @dataclass
@@ -52,9 +52,12 @@ class SFTExample:
         return len(self.prompt) + len(self.completion)
 
 
-def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int, rows_per_microbatch: int = 1) -> list[dict]:
+def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int, rows_per_microbatch: int = 1,
+             packing: str = "dense_mask") -> list[dict]:
     """FFD-packed rows; per micro-batch the gather indices ``src`` (predicting positions, flat) and ``tgt``
-    (completion tokens), like the actor's, so the fused log-prob op reads only the labelled positions."""
+    (completion tokens), like the actor's, so the fused log-prob op reads only the labelled positions.
+    ``packing``: ``"dense_mask"`` (``[b, L]`` + mask) or ``"thd"`` (``[1, T]``, no padding; see
+    :func:`dapo_mcore.packing.batch_rows`)."""
     rows = []
     for b in first_fit_decreasing([len(e) for e in examples], token_budget):
         rb = RowBuilder()
@@ -66,7 +69,7 @@ def pack_sft(examples: Sequence[SFTExample], token_budget: int, pad_id: int, row
             src += list(range(first - 1, span.end - 1))
             tgt += e.completion
         rows.append((rb.build(), {"src": src, "tgt": tgt}))
-    return batch_rows(rows, rows_per_microbatch, pad_id)
+    return batch_rows(rows, rows_per_microbatch, pad_id, packing)
 
 
 def sft_forward_step(model, batch: dict):
@@ -74,7 +77,8 @@ def sft_forward_step(model, batch: dict):
     from dapo_mcore.actor.batching import token_logp
     from dapo_mcore.training.trainer import make_loss_fn
 
-    hidden = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], output="hidden")
+    hidden = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], output="hidden",
+                   packed_seq_params=batch.get("packed_seq_params"))
 
     def compute(h):
         if batch["tgt"].numel() == 0:
@@ -107,10 +111,10 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     from transformers import AutoTokenizer
 
     from dapo_mcore.models.convert import save_hf_checkpoint
+    from dapo_mcore.models.gpt import model_packing
     from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, optim_config, pad_token_id,
+    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, make_trainer, pad_token_id,
                                           read_metrics, resume, run_loop, write_summary)
-    from dapo_mcore.training.trainer import MegatronTrainer
 
     if not cfg.init_path:
         raise ValueError("sft.init_path is required")
@@ -122,12 +126,13 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     pad_id = pad_token_id(AutoTokenizer.from_pretrained(cfg.init_path))
     arch, chunks = load_chunks(cfg.init_path, cfg.parallel)
     steps = epoch_batches(len(examples), cfg.global_batch, cfg.epochs, cfg.seed)
-    trainer = MegatronTrainer(chunks, optim_config(cfg), total_steps=len(steps))
+    trainer = make_trainer(chunks, cfg, total_steps=len(steps))
     resume(trainer, out / "checkpoints")
     loop = LoopConfig("sft", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
+    packing = model_packing(trainer.chunks)          # "thd" | "dense_mask", from the fast-path switch
     finished = run_loop(trainer, loop, out,
                         lambda i: dp_share(pack_sft([examples[j] for j in steps[i]], cfg.token_budget, pad_id,
-                                                     cfg.rows_per_microbatch), pad_id),
+                                                     cfg.rows_per_microbatch, packing), pad_id),
                         sft_forward_step,
                         lambda r: {"loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "tokens": r.count})
     if not finished:
@@ -209,15 +214,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--token-budget", type=int, default=2048)
-    ap.add_argument("--rows-per-microbatch", type=int, default=1)
-    add_parallel_args(ap)
+    add_parallel_args(ap)   # also --global-batch (examples), --micro-batch (rows), fast-path flags
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0)
     a = ap.parse_args(argv)
-    cfg = SFTConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch, token_budget=a.token_budget,
-                    rows_per_microbatch=a.rows_per_microbatch, seed=a.seed, max_steps=a.max_steps,
+    d = SFTConfig()
+    cfg = SFTConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch or d.global_batch,
+                    token_budget=a.token_budget, rows_per_microbatch=a.micro_batch or d.rows_per_microbatch,
+                    seed=a.seed, max_steps=a.max_steps,
                     parallel=parallel_from_args(a))
     run_sft(cfg, a.data, a.out)
 

@@ -97,6 +97,7 @@ def run_loop(trainer: MegatronTrainer, cfg: LoopConfig, out: Path, microbatches_
     latest = latest_checkpoint(ckpt_dir)
     if latest is None or json.loads((ckpt_dir / "latest.json").read_text())["step"] != trainer.step:
         save_checkpoint(trainer, ckpt_dir, extra={"stage": cfg.name})
+    trainer.sync_params()   # the caller exports/evaluates the params next
     return True
 
 
@@ -143,18 +144,27 @@ def pad_token_id(tok) -> int:
 
 def load_chunks(path: str, parallel, *, value_head: bool = False, value_head_seed: int = 0,
                 init_value_head: bool = True):
-    """``(arch, chunks)``: this rank's megatron model chunks for the layout ``parallel``, loaded from the HF
-    checkpoint ``path`` (the value model when ``value_head``)."""
+    """``(arch, chunks)``: this rank's megatron model chunks for the layout and fast paths of ``parallel``
+    (a :class:`~dapo_mcore.parallel.runtime.ParallelConfig`), loaded from the HF checkpoint ``path`` (the
+    value model when ``value_head``)."""
     from dapo_mcore.models.convert import load_hf_weights
     from dapo_mcore.models.gpt import build_model_chunks
     from dapo_mcore.models.hf_config import load_arch, transformer_config
 
     arch = load_arch(path)
     p = parallel
+    paths = p.paths()
     chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
                                                          pp=p.pipeline_model_parallel_size,
-                                                         vpp=p.virtual_pipeline_model_parallel_size),
-                                value_head=value_head, value_head_seed=value_head_seed)
+                                                         vpp=p.virtual_pipeline_model_parallel_size, paths=paths),
+                                value_head=value_head, value_head_seed=value_head_seed, paths=paths)
+    if paths.bf16:
+        # Every param in bf16, as megatron-lm's Float16Module does (module.bfloat16()): the local spec's torch
+        # norms are created fp32 whatever params_dtype says (the TE spec's are bf16), and a model with params
+        # of two dtypes breaks the distributed optimizer's fully-reshardable checkpoint save (megatron-core
+        # 0.16 get_parameter_state_dp_zero: size mismatch copying the shards of the second buffer).
+        for c in chunks:
+            c.to(dtype=torch.bfloat16)
     load_hf_weights(chunks, path, arch, init_value_head=init_value_head)
     return arch, chunks
 
@@ -165,6 +175,12 @@ def optim_config(cfg) -> OptimConfig:
 
     return OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
                        warmup_steps=cfg.warmup_steps, decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2)
+
+
+def make_trainer(chunks: list, cfg, total_steps: int) -> MegatronTrainer:
+    """The trainer of a training stage config ``cfg`` (optimizer fields + ``parallel``): its fast paths are
+    ``cfg.parallel.paths()``, the same the chunks were built with by :func:`load_chunks`."""
+    return MegatronTrainer(chunks, optim_config(cfg), total_steps, paths=cfg.parallel.paths())
 
 
 def write_summary(out: Path, summary: dict) -> None:

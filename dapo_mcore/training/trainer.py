@@ -4,6 +4,10 @@
 scheduler, and runs one optimizer step over a list of micro-batches through megatron's pipeline schedules
 (``get_forward_backward_func``: no pipelining, 1F1B or interleaved).
 
+The fast paths (:class:`dapo_mcore.parallel.fast_paths.ResolvedPaths`, the same object the model was built
+with) choose bf16 params with fp32 main params (megatron ``Float16OptimizerWithFloat16Params``, grads
+reduced in fp32), the distributed optimizer, and overlapped grad reduce / param gather (bucketed).
+
 Losses are **sums with counts** (``calculate_per_token_loss``): a loss function returns
 ``(loss_sum, count, logs)``; megatron adds the counts over micro-batches and data-parallel ranks and scales
 the gradients by ``1 / total count``. So the step optimises the exact global mean (per token for the
@@ -12,7 +16,7 @@ critic, per action for the actor) however the micro-batches are sized.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -33,16 +37,12 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     decay_style: str = "constant"      # constant | linear | cosine
-    use_distributed_optimizer: bool = False
-    bf16: bool = False
 
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
         if self.decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(f"decay_style must be constant, linear or cosine, got {self.decay_style!r}")
-        if self.bf16 and not torch.cuda.is_available():
-            raise ValueError("bf16 mixed precision is a GPU path; use fp32 on CPU")
 
 
 @dataclass
@@ -57,28 +57,42 @@ class StepResult:
 
 
 class MegatronTrainer:
-    """Owns DDP-wrapped chunks, optimizer and scheduler; runs steps and forward-only passes."""
+    """Owns DDP-wrapped chunks, optimizer and scheduler; runs steps and forward-only passes.
 
-    def __init__(self, chunks: list, optim: OptimConfig, total_steps: int):
+    ``paths``: the resolved fast paths the chunks were built with (default: the portable CPU paths); a model
+    whose ``params_dtype`` disagrees with them is an error. ``bucket_size``: DDP bucket size in parameters
+    (default: megatron's; small values give several buckets, whose reduces overlap the backward pass).
+    """
+
+    def __init__(self, chunks: list, optim: OptimConfig, total_steps: int, paths=None,
+                 bucket_size: Optional[int] = None):
         from megatron.core.distributed import DistributedDataParallel as DDP
         from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from dapo_mcore.parallel.fast_paths import PORTABLE
+
         optim.validate()
+        paths = PORTABLE if paths is None else paths
         self.optim_cfg = optim
+        self.paths = paths
         cfg = chunks[0].config
+        if cfg.params_dtype != paths.torch_dtype:
+            raise ValueError(f"the model was built with params_dtype={cfg.params_dtype} but the fast paths say "
+                             f"{paths.params_dtype}: build it with transformer_config(..., paths=paths)")
         cfg.calculate_per_token_loss = True
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=optim.use_distributed_optimizer, average_in_collective=False)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=paths.overlap_grad_reduce,
+            overlap_param_gather=paths.overlap_param_gather, use_distributed_optimizer=paths.distributed_optimizer,
+            average_in_collective=False, bucket_size=bucket_size)
         self.chunks = [DDP(config=cfg, ddp_config=ddp_cfg, module=c,
                            disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-                            clip_grad=optim.clip_grad, bf16=optim.bf16, params_dtype=cfg.params_dtype,
-                            use_distributed_optimizer=optim.use_distributed_optimizer),
+                            clip_grad=optim.clip_grad, bf16=paths.bf16, params_dtype=cfg.params_dtype,
+                            use_distributed_optimizer=paths.distributed_optimizer),
             self.chunks)
         total_steps = max(int(total_steps), 1)
         self.scheduler = OptimizerParamScheduler(
@@ -89,7 +103,10 @@ class MegatronTrainer:
             wd_incr_style="constant")
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.grad_scale_func = self.optimizer.scale_loss
-        cfg.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        one = len(self.chunks) == 1
+        cfg.no_sync_func = self.chunks[0].no_sync if one else [c.no_sync for c in self.chunks]
+        if paths.overlap_grad_reduce:   # the schedules launch each chunk's reduce as soon as its grads are ready
+            cfg.grad_sync_func = self.chunks[0].start_grad_sync if one else [c.start_grad_sync for c in self.chunks]
         self.config = cfg
         self.step = 0
 
@@ -110,6 +127,14 @@ class MegatronTrainer:
         loss = sums.pop("loss") / max(count, 1)
         return StepResult(loss=loss, count=int(count), grad_norm=float(grad_norm or 0.0),
                           lr=self.optimizer.param_groups[0]["lr"], logs={k: v / max(count, 1) for k, v in sums.items()})
+
+    def sync_params(self) -> None:
+        """Finish an overlapped param all-gather (distributed optimizer with ``overlap_param_gather``): after
+        :meth:`train_step` the updated params reach the model only in the next forward's pre-hooks, so call
+        this before reading params directly (checkpoint, HF export). A no-op otherwise."""
+        if self.paths.overlap_param_gather:
+            for c in self.chunks:
+                c.start_param_sync(force_sync=True)
 
     @torch.no_grad()
     def forward_only(self, microbatches: Sequence[dict], forward_step: ForwardStep) -> dict:
