@@ -83,6 +83,21 @@ def test_stage_flags_and_config_flow():
         ParallelConfig(fast_paths=FastPathConfig(recompute="x")).validate(1, cuda=False)
 
 
+def test_advantage_stage_maps_micro_batch_and_refuses_global_batch(monkeypatch, capsys):
+    """The forward-only advantage stage takes --micro-batch (rows per micro-batch) and refuses --global-batch
+    with a clear message instead of ignoring it."""
+    from dapo_mcore.actor import advantage
+
+    seen = {}
+    monkeypatch.setattr(advantage, "run_advantage", lambda cfg, mc, out: seen.update(cfg=cfg))
+    base = ["--mc", "m", "--reference", "r", "--out", "o"]
+    advantage.main(base + ["--micro-batch", "3", "--fast-paths", "emulate"])
+    assert seen["cfg"].rows_per_microbatch == 3 and seen["cfg"].parallel.fast_paths.mode == "emulate"
+    with pytest.raises(SystemExit):
+        advantage.main(base + ["--global-batch", "64"])
+    assert "forward-only" in capsys.readouterr().err
+
+
 def test_thd_cu_seqlens_from_packed_row():
     rb = RowBuilder()
     for n in (5, 3, 7):

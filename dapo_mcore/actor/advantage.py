@@ -292,9 +292,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--shard-size", type=int, default=512)
     add_parallel_args(ap)
     a = ap.parse_args(argv)
+    if a.global_batch is not None:
+        ap.error("--global-batch: the advantage stage is forward-only (no optimizer step); use --micro-batch")
     cfg = AdvantageConfig(critic_path=a.critic, reference_path=a.reference, source=a.source, gap_threshold=a.gap,
                           terminal_reward=not a.no_terminal_reward, token_budget=a.token_budget,
-                          shard_size=a.shard_size,
+                          shard_size=a.shard_size, rows_per_microbatch=a.micro_batch or 1,
                           parallel=parallel_from_args(a))
     run_advantage(cfg, a.mc, a.out)
 
