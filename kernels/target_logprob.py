@@ -187,34 +187,58 @@ def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     return m, s, tg.sum(dim=0)
 
 
+_BWD_CONFIGS: dict = {}
+
+
+def _tuned_bwd_config(args: tuple, dtype: torch.dtype) -> dict:
+    """The autotuned backward launch config for this ``(H, V, dtype)`` (GPU): tuned once on scratch
+    gradient buffers (the autotuner re-runs the kernel and zeroes its atomic targets), so that the real
+    launch can accumulate into Megatron's ``main_grad`` exactly once."""
+    hidden, weight = args[0], args[1]
+    key = (hidden.shape[1], weight.shape[0], dtype)
+    if key not in _BWD_CONFIGS:
+        scratch = list(args)
+        scratch[5], scratch[6] = torch.zeros_like(args[5]), torch.zeros_like(args[6])
+        T, V = hidden.shape[0], weight.shape[0]
+        _bwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(V, m["BLOCK_V"]))](*scratch, **_flags(dtype))
+        cfg = _bwd_tuned.best_config
+        _BWD_CONFIGS[key] = cfg.all_kwargs()
+    return _BWD_CONFIGS[key]
+
+
 def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                        grad_logp: torch.Tensor, vocab_start: int, block_t: int | None = None,
                        block_v: int | None = None, main_grad: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype.
 
-    With ``main_grad`` (accumulation dtype) grad_weight is added into it and None is returned
-    in its place (through the kernel's fp32 buffer: autotune's reset_to_zero must not zero
-    main_grad).
+    With ``main_grad`` (``[V_local, H]`` contiguous, the accumulation dtype: Megatron's fp32 grad buffer)
+    the kernel's atomics add grad_weight straight into it and None is returned in its place: no
+    ``[V_local, H]`` buffer is allocated (autotune needs one scratch buffer the first time a shape is
+    tuned, see :func:`_tuned_bwd_config`).
     """
     _check(hidden, weight, targets)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T, H = hidden.shape
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if main_grad is not None and (main_grad.shape != (V, H) or main_grad.dtype != acc or not main_grad.is_contiguous()):
+        raise ValueError(f"target_logprob_bwd: main_grad must be a contiguous {acc} [{V}, {H}] tensor, got "
+                         f"{main_grad.dtype} {tuple(main_grad.shape)}")
     gh = torch.zeros(T, H, dtype=acc, device=hidden.device)
-    gw = torch.zeros(V, H, dtype=acc, device=hidden.device)
-    if T > 0:
-        meta = _blocks(block_t, block_v, H)
-        args = (hidden, weight, targets.long().contiguous(), lse.to(acc).contiguous(), grad_logp.to(acc).contiguous(),
-                gh, gw, T, V, H, vocab_start, hidden.stride(0), weight.stride(0))
-        if meta is None:
-            _bwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(V, m["BLOCK_V"]))](
-                *args, **_flags(hidden.dtype))
-        else:
-            _bwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
-                *args, **_flags(hidden.dtype), **meta)
+    if T == 0:
+        return gh.to(hidden.dtype), None if main_grad is not None else torch.zeros_like(weight)
+    gw = main_grad if main_grad is not None else torch.zeros(V, H, dtype=acc, device=hidden.device)
+    meta = _blocks(block_t, block_v, H)
+    args = (hidden, weight, targets.long().contiguous(), lse.to(acc).contiguous(), grad_logp.to(acc).contiguous(),
+            gh, gw, T, V, H, vocab_start, hidden.stride(0), weight.stride(0))
+    if meta is None and main_grad is None:
+        _bwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(V, m["BLOCK_V"]))](*args, **_flags(hidden.dtype))
+    else:
+        if meta is None:   # autotuning benchmarks by re-running the kernel: never on main_grad itself
+            meta = _tuned_bwd_config(args, hidden.dtype)
+        _bwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
+            *args, **_flags(hidden.dtype), **meta)
     if main_grad is not None:
-        main_grad.add_(gw)
         return gh.to(hidden.dtype), None
     return gh.to(hidden.dtype), gw.to(weight.dtype)
