@@ -63,18 +63,14 @@ def main() -> None:
     from dapo_mcore.models.convert import load_hf_weights
     from dapo_mcore.models.gpt import build_model_chunks
     from dapo_mcore.models.hf_config import load_arch, transformer_config
-    from dapo_mcore.models.tiny import TinyModelConfig, build_tiny_checkpoint
+    from dapo_mcore.models.tiny import bench_checkpoint
     from dapo_mcore.packing import dp_share
     from dapo_mcore.parallel.fast_paths import PORTABLE
     from dapo_mcore.parallel.runtime import ParallelConfig, initialize_parallel
-    from dapo_mcore.tasks.chain import make_problems
     from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_thd_"))
-    texts = [p.prompt + p.solution() for p in make_problems(500, 0)]
-    ck = build_tiny_checkpoint(tmp / "m", texts, TinyModelConfig(hidden_size=a.hidden, intermediate_size=a.hidden * 3,
-                                                                  num_layers=a.layers, num_heads=4, num_kv_heads=2,
-                                                                  max_position_embeddings=2048), seed=0)
+    ck = bench_checkpoint(tmp / "m", a.hidden, a.layers)
     initialize_parallel(ParallelConfig())
     arch = load_arch(ck)
     examples = make_examples(a.examples, a.min_len, a.max_len, arch.vocab_size)

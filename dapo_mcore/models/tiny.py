@@ -88,3 +88,15 @@ def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], cfg: TinyMo
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "dapo_tiny.json").write_text(json.dumps(cfg.__dict__, indent=1))
     return out
+
+
+def bench_checkpoint(out_dir: str | Path, hidden: int, layers: int, max_position_embeddings: int = 2048,
+                     seed: int = 0) -> Path:
+    """The random model the CPU benchmarks time: a Qwen2 of ``hidden`` x ``layers`` (4 heads, 2 KV heads,
+    SwiGLU of 3 x hidden) with a tokenizer trained on 500 chain-task solutions; saved to ``out_dir``."""
+    from dapo_mcore.tasks.chain import make_problems
+
+    texts = [p.prompt + p.solution() for p in make_problems(500, 0)]
+    cfg = TinyModelConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_layers=layers, num_heads=4,
+                          num_kv_heads=2, max_position_embeddings=max_position_embeddings)
+    return build_tiny_checkpoint(out_dir, texts, cfg, seed=seed)
