@@ -76,3 +76,19 @@ def test_critic_under_torchrun(tmp_path):
     s = json.loads((run / "iter_0" / "critic" / "summary.json").read_text())
     assert s["steps"] > 0 and _status(run)["iter_0/critic"] == "ran"
     assert main(["run", str(SMOKE), *ov]) == 0 and _status(run)["iter_0/critic"] == "skipped"
+
+
+def test_smoke_pipeline_emulating_the_gpu_configuration(tmp_path):
+    """The whole chain with ``fast_paths.mode=emulate`` at DP=2: bf16 with fp32 main params, the distributed
+    optimizer with overlapped grad reduce / param gather, THD critic batches, on CPU — what a user runs to
+    check a cluster job's configuration on a laptop. (It caught DP-padding micro-batches of the actor that
+    left the output weight without a gradient, which megatron's overlapped reduce requires every step.)"""
+    run = tmp_path / "run"
+    assert main(["run", str(SMOKE), f"run.out_dir={run}", "fast_paths.mode=emulate", "run.nproc=2",
+                 "run.controls=[]"]) == 0
+    it = run / "iter_0"
+    for stage in ("critic", "actor"):
+        paths = json.loads((it / stage / "summary.json").read_text())["paths"]
+        assert paths["params_dtype"] == "bfloat16" and paths["distributed_optimizer"] and paths["overlap_grad_reduce"]
+    assert json.loads((it / "critic" / "summary.json").read_text())["paths"]["packing"] == "thd"
+    assert (json.loads((it / "eval" / "comparison.json").read_text())["models"] == ["reference", "dapo"])

@@ -120,10 +120,13 @@ def dapo_forward_step(beta: float, impl: Optional[str] = None):
 
         def compute(h):
             n_act = len(batch["action_keys"])
-            if n_act == 0:
-                zero = h.sum() * 0.0
-                return zero, 0, {"abs_log_ratio": 0.0, "kl_k3": 0.0, "sign_agree": 0.0}
             lp = token_logp(model, h, batch, impl)
+            if n_act == 0:
+                # A DP-padding micro-batch: zero loss, but through the fused op (T=0), so the output weight
+                # still receives a gradient and megatron DDP's grad-ready hook fires for it (with
+                # overlap_grad_reduce every param must report ready each step).
+                zero = h.sum() * 0.0 + lp.sum() * 0.0
+                return zero, 0, {"abs_log_ratio": 0.0, "kl_k3": 0.0, "sign_agree": 0.0}
             out = dapo_loss(lp, batch["ref_logp"].to(lp.dtype), batch["seg"], batch["advantages"].to(lp.dtype), beta,
                             normalizer=1.0, impl=impl)
             rho, adv = out.log_ratio.double(), batch["advantages"].double()

@@ -137,7 +137,8 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
     summary = {"stage": "train-actor", "states": len(groups), "actions": sum(len(g.actions) for g in groups),
                "steps": trainer.step, "epochs": cfg.epochs, "seconds": time.time() - t0,
                "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
-               "config": json.loads(json.dumps(asdict(cfg), default=str))}
+               "config": json.loads(json.dumps(asdict(cfg), default=str)),
+               "paths": trainer.paths.as_dict()}
     write_summary(out, summary)
     if dist.get_rank() == 0:
         last = summary["last"] or {}

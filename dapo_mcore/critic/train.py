@@ -148,7 +148,8 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     save_hf_checkpoint(trainer.chunks, out / "hf", arch, source_dir=cfg.init_path)
     summary = {"stage": "train-critic", "counts": counts, "steps": trainer.step, "train_mean_target": train_mean,
                "heldout": metrics, "train": train_metrics, "seconds": time.time() - t0,
-               "config": json.loads(json.dumps(asdict(cfg), default=str))}
+               "config": json.loads(json.dumps(asdict(cfg), default=str)),
+               "paths": trainer.paths.as_dict()}
     if cfg.tensorboard:
         tensorboard_scalars(out, "critic_heldout", metrics, trainer.step)
     if rank0 and preds:

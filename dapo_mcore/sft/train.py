@@ -141,7 +141,8 @@ def run_sft_examples(cfg: SFTConfig, examples: Sequence[SFTExample], out_dir: st
     hist = read_metrics(out)
     summary = {"stage": "sft", "examples": len(examples), "steps": trainer.step, "seconds": time.time() - t0,
                "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
-               "config": json.loads(json.dumps(asdict(cfg), default=str))}
+               "config": json.loads(json.dumps(asdict(cfg), default=str)),
+               "paths": trainer.paths.as_dict()}
     write_summary(out, summary)
     return summary
 
