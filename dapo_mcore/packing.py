@@ -175,7 +175,7 @@ def collate_thd(rows: Sequence[PackedRow]) -> dict:
     ``cu_seqlens`` ``[n_docs + 1]`` int32, ``max_seqlen`` int, ``lengths`` ``[b]`` and ``row_offsets``
     ``[b]`` (where each row starts in ``[T]``). Raises ValueError for a shared-prefix row.
     """
-    from dapo_mcore.parallel.fast_paths import thd_cu_seqlens, thd_packed_seq_params
+    from dapo_mcore.parallel.fast_paths import thd_cu_seqlens, thd_packed_seq_params, thd_positions
 
     if not rows:
         raise ValueError("collate_thd needs at least one row")
@@ -190,8 +190,7 @@ def collate_thd(rows: Sequence[PackedRow]) -> dict:
         ndoc += int(r.doc.max()) + 1
     cu = thd_cu_seqlens(torch.cat(docs))
     pos = torch.cat([r.position_ids for r in rows])
-    starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
-    if not torch.equal(pos, torch.arange(pos.numel()) - starts):
+    if not torch.equal(pos, thd_positions(cu)):
         raise ValueError("THD rows need positions restarting at 0 in every document (RoPE follows cu_seqlens)")
     lengths = torch.tensor([len(r) for r in rows])
     psp = thd_packed_seq_params(cu)

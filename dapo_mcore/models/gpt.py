@@ -146,9 +146,9 @@ def _check_thd_inputs(input_ids: Optional[Tensor], position_ids: Optional[Tensor
                          f"got {tuple(position_ids.shape)}")
     if input_ids is not None and input_ids.shape != position_ids.shape:
         raise ValueError(f"THD input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
-    lens = (cu[1:] - cu[:-1]).long()
-    starts = torch.repeat_interleave(cu[:-1].long().to(position_ids.device), lens.to(position_ids.device))
-    if not torch.equal(position_ids[0], torch.arange(position_ids.shape[1], device=position_ids.device) - starts):
+    from dapo_mcore.parallel.fast_paths import thd_positions
+
+    if not torch.equal(position_ids[0], thd_positions(cu).to(position_ids.device)):
         raise ValueError("THD position_ids must restart at 0 in every cu_seqlens document (megatron's RoPE does)")
 
 

@@ -134,6 +134,10 @@ def resolve(cfg: FastPathConfig, tp: int, sequence_parallel: bool = False, cuda:
     if gpu or cfg.mode == "emulate":
         if cfg.overlap_param_gather and not cfg.distributed_optimizer:
             raise FastPathError("overlap_param_gather requires distributed_optimizer")
+    # the megatron features, taken as asked on a GPU and in emulate mode
+    features = dict(params_dtype="bfloat16" if cfg.bf16 else "float32", recompute=cfg.recompute,
+                    distributed_optimizer=cfg.distributed_optimizer, overlap_grad_reduce=cfg.overlap_grad_reduce,
+                    overlap_param_gather=cfg.overlap_param_gather)
     if gpu:
         if sequence_parallel and not te:
             raise FastPathError("sequence_parallel needs the Transformer Engine layer spec (install transformer-engine)")
@@ -141,18 +145,12 @@ def resolve(cfg: FastPathConfig, tp: int, sequence_parallel: bool = False, cuda:
             gpu=True, layer_spec="transformer_engine" if te else "local",
             packing="thd" if (cfg.thd_packing and te) else "dense_mask",
             shared_prefix_attention="flex" if cfg.shared_prefix_attention == "flex" else "dense_mask",
-            sequence_parallel=sequence_parallel, params_dtype="bfloat16" if cfg.bf16 else "float32",
-            recompute=cfg.recompute, distributed_optimizer=cfg.distributed_optimizer,
-            overlap_grad_reduce=cfg.overlap_grad_reduce, overlap_param_gather=cfg.overlap_param_gather)
+            sequence_parallel=sequence_parallel, **features)
     if sequence_parallel:
         raise FastPathError("sequence_parallel is a GPU path (the CPU local spec's LayerNorm does not support it)")
     if cfg.mode == "emulate":
-        return ResolvedPaths(
-            gpu=False, layer_spec="local", packing="thd" if cfg.thd_packing else "dense_mask",
-            shared_prefix_attention="dense_mask", sequence_parallel=False,
-            params_dtype="bfloat16" if cfg.bf16 else "float32", recompute=cfg.recompute,
-            distributed_optimizer=cfg.distributed_optimizer, overlap_grad_reduce=cfg.overlap_grad_reduce,
-            overlap_param_gather=cfg.overlap_param_gather)
+        return ResolvedPaths(gpu=False, layer_spec="local", packing="thd" if cfg.thd_packing else "dense_mask",
+                             shared_prefix_attention="dense_mask", sequence_parallel=False, **features)
     return PORTABLE
 
 
@@ -202,6 +200,14 @@ def thd_cu_seqlens(doc: torch.Tensor) -> torch.Tensor:
     change = torch.nonzero(real[1:] != real[:-1]).flatten() + 1
     bounds = torch.cat([torch.zeros(1, dtype=torch.long), change, torch.tensor([real.numel()])])
     return bounds.to(torch.int32)
+
+
+def thd_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Positions int64 ``[T]`` of a THD pack: ``0..len-1`` in every document delimited by ``cu_seqlens``
+    ``[n_docs + 1]`` (what megatron's ``cu_seqlens`` RoPE uses)."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    return torch.arange(int(cu[-1]), device=cu.device) - starts
 
 
 def thd_packed_seq_params(cu_seqlens: torch.Tensor):

@@ -59,14 +59,9 @@ class ParallelConfig:
         if vpp is not None and (vpp < 1 or pp < 2):
             raise ParallelConfigError(
                 f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size >= 2 (got {pp})")
-        if self.sequence_parallel and tp < 2:
-            raise ParallelConfigError("sequence_parallel requires tensor_model_parallel_size > 1")
-        if self.sequence_parallel and not cuda:
-            raise ParallelConfigError(
-                "sequence_parallel needs the Transformer Engine layer spec (GPU); the CPU local spec fails with it")
         if cp > 1 and not cuda:
             raise ParallelConfigError("context parallelism needs Transformer Engine attention (GPU)")
-        self.paths(cuda=cuda)
+        self.paths(cuda=cuda)   # the fast-path rules, sequence parallel's included (fast_paths.resolve)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
