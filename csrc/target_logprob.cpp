@@ -182,8 +182,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
 // bf16 path of one tile's gradient GEMMs: G [tb, vc] fp32 is rounded to bf16 (and transposed),
 // then grad_h[t0:t0+tb] += G @ W_c and grad_W_c (+)= G^T @ h[t0:t0+tb], fp32 accumulation.
 template <typename State>
-void bf16_grad_gemms(State& st, const float* G, int64_t t0, int64_t tb, int64_t vc, int64_t H, int64_t vce,
-                     Tensor& gwc, bool into_main, Tensor& h_pairs) {
+void bf16_grad_gemms(State& st, const float* G, int64_t t0, int64_t tb, int64_t vc, int64_t H, Tensor& gwc,
+                     bool into_main, Tensor& h_pairs) {
   const int64_t vk = vc + (vc & 1), tk = tb + (tb & 1);  // even K of the two GEMMs (zero padded)
   uint16_t* g16 = reinterpret_cast<uint16_t*>(st.g16.data_ptr());
   uint16_t* gt16 = reinterpret_cast<uint16_t*>(st.gt16.data_ptr());
@@ -201,7 +201,6 @@ void bf16_grad_gemms(State& st, const float* G, int64_t t0, int64_t tb, int64_t 
   }
   bf16::gemm(tb, H, vk, g16, vk, u32(st.w_pairs), H, reinterpret_cast<float*>(st.gh.data_ptr()) + t0 * H, H, true);
   bf16::gemm(vc, H, tk, gt16, tk, u32(h_pairs) + t0 / 2 * H, H, gwc.data_ptr<float>(), H, into_main || t0 > 0);
-  (void)vce;
 }
 
 template <typename acc_t>
@@ -288,8 +287,7 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
             if (col >= 0 && col < vc) row[col] += gi;
           }
           if (fast) {
-            if constexpr (std::is_same_v<acc_t, float>) bf16_grad_gemms(st, zp, t0, tb, vc, H, vce, gwc, into_main,
-                                                                        h_pairs);
+            if constexpr (std::is_same_v<acc_t, float>) bf16_grad_gemms(st, zp, t0, tb, vc, H, gwc, into_main, h_pairs);
             continue;
           }
           Tensor zt = tile(st.buf_t, vc, tb);
