@@ -179,7 +179,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(argv) != 2:
             print("usage: dapo-mcore _worker JOB.json", file=sys.stderr)
             return 2
-        run_job(argv[1])
+        from dapo_mcore.parallel.runtime import process_group_scope
+
+        with process_group_scope():
+            run_job(argv[1])
         return 0
     if argv and argv[0] == "plan":
         try:

@@ -5,6 +5,7 @@ single process (world size 1 on a free local port).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -161,6 +162,17 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_scope():
+    """Around a process's entry point (torchrun worker, stage ``__main__``): tear megatron's groups and the
+    process group down on the way out. Exiting with gloo's worker threads alive can abort the interpreter at
+    shutdown ("terminate called without an active exception", SIGABRT) after the work has finished."""
+    try:
+        yield
+    finally:
+        destroy_parallel()
 
 
 def layout_summary() -> dict:

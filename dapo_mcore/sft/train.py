@@ -229,4 +229,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dapo_mcore.parallel.runtime import process_group_scope
+
+    with process_group_scope():
+        main()
