@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapo_mcore.packing import RowBuilder
-from dapo_mcore.parallel.fast_paths import (FastPathConfig, FastPathError, doc_part_of, flex_core_attention,
-                                            resolve, shared_prefix_block_mask, shared_prefix_mask_mod,
-                                            thd_cu_seqlens)
+from dapo_mcore.models.attention import (doc_part_of, flex_core_attention, shared_prefix_block_mask,
+                                         shared_prefix_mask_mod)
+from dapo_mcore.packing import RowBuilder, thd_cu_seqlens
+from dapo_mcore.parallel.fast_paths import FastPathConfig, FastPathError, resolve
 
 
 def test_switch_selects_paths():

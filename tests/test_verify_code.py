@@ -9,13 +9,13 @@ import time
 
 import pytest
 
+from dapo_mcore.data.code_spec import parse_code_spec
 from dapo_mcore.data.problems import ProblemSetError, read_problems
 from dapo_mcore.verify import CodeVerifier, make_verifier
 from dapo_mcore.verify.code import (
     CodeExtractConfig,
     CodeVerifierConfig,
     extract_code,
-    parse_code_spec,
     stdout_matches,
     values_match,
 )

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from dapo_mcore.models.gpt import unwrap_model
 from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
 
 
@@ -75,12 +76,6 @@ def pack_action_groups(groups: Sequence[ActionGroup], token_budget: int, pad_id:
     return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def token_logp(model, hidden: torch.Tensor, batch: dict, impl: Optional[str] = None) -> torch.Tensor:
     """log pi(tgt | prefix) ``[N]`` fp32 from the last-stage hidden states ``[1, L, H]`` via the fused op."""
     from megatron.core import parallel_state as ps
@@ -88,7 +83,7 @@ def token_logp(model, hidden: torch.Tensor, batch: dict, impl: Optional[str] = N
     from dapo_mcore.ops import fused_target_logprob
 
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["src"])
-    w = _unwrap(model).output_weight()
+    w = unwrap_model(model).output_weight()
     tp = ps.get_tensor_model_parallel_world_size()
     return fused_target_logprob(h, w.to(h.dtype), batch["tgt"], ps.get_tensor_model_parallel_group() if tp > 1 else None,
                                 impl=impl)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dapo_mcore.data.code_spec import parse_code_spec
+
 REQUIRED_FIELDS = ("id", "prompt", "answer")
 
 
@@ -22,7 +24,7 @@ class ProblemSetError(ValueError):
 @dataclass(frozen=True)
 class Problem:
     """One problem. ``answer`` is the reference answer string given to the verifier (for code
-    problems: the JSON text of the test spec, see :mod:`dapo_mcore.verify.code`)."""
+    problems: the JSON text of the test spec, see :mod:`dapo_mcore.data.code_spec`)."""
 
     id: str
     prompt: str
@@ -59,9 +61,7 @@ def _validate(row: Any, where: str, seen: set[str]) -> Problem:
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         raise ProblemSetError(f"{where}: field 'prompt' must be a non-empty string")
     ans = row["answer"]
-    if isinstance(ans, dict):   # code problems: the answer is a test spec (dapo_mcore.verify.code)
-        from dapo_mcore.verify.code import parse_code_spec
-
+    if isinstance(ans, dict):   # code problems: the answer is a test spec (dapo_mcore.data.code_spec)
         try:
             parse_code_spec(ans)
         except ValueError as e:

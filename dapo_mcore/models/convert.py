@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from dapo_mcore.models.gpt import unwrap_model
 from dapo_mcore.models.hf_config import ArchSpec
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -203,12 +204,6 @@ def _to_hf(lay: _Layout, mname: str, shards: list[Tensor], layer_offset: int) ->
     raise CheckpointError(f"no HF mapping for megatron tensor {mname!r}")
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _layer_offset(chunk) -> int:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -239,7 +234,7 @@ def load_hf_weights(chunks: list, model_dir: str | Path, arch: ArchSpec, *, init
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     lm_head = rd.has("lm_head.weight")
     for chunk in chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         value = bool(getattr(chunk, "is_value_model", False))
         lay = _Layout(arch, tp, r, value)
         off = _layer_offset(chunk)
@@ -324,7 +319,7 @@ def _model_hf_tensors(chunks: list, arch: ArchSpec, getter: Callable[[str, Tenso
     tp_group = ps.get_tensor_model_parallel_group()
     writer = r == 0 and ps.get_data_parallel_rank() == 0
     for ci, chunk in enumerate(chunks):
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         value = bool(getattr(chunk, "is_value_model", False))
         lay = _Layout(arch, tp, r, value)
         off = _layer_offset(chunk)
@@ -346,7 +341,7 @@ def _model_hf_tensors(chunks: list, arch: ArchSpec, getter: Callable[[str, Tenso
 
 
 def _is_value(chunks: list) -> bool:
-    return bool(getattr(_unwrap(chunks[0]), "is_value_model", False))
+    return bool(getattr(unwrap_model(chunks[0]), "is_value_model", False))
 
 
 def collect_hf_state(chunks: list, arch: ArchSpec,

@@ -7,7 +7,7 @@
   state's length);
 * THD packed batches (``packed_seq_params``, ``input_ids`` ``[1, T]``, no mask): megatron's own RoPE then
   restarts at 0 in every ``cu_seqlens`` document, which is what THD ``position_ids`` say (checked), and the
-  core attention is :class:`~dapo_mcore.parallel.fast_paths.ThdCoreAttention` on CPU (TE's on GPU);
+  core attention is :class:`~dapo_mcore.models.attention.ThdCoreAttention` on CPU (TE's on GPU);
 * ``forward(..., output="hidden")`` returning the final-norm hidden states ``[b, s, H]`` instead of
   logits, so the fused log-prob kernel can read them with :meth:`output_weight` and never build
   ``[tokens, vocab]`` logits.
@@ -21,7 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dapo_mcore.models.attention import FlexCoreAttention, ThdCoreAttention, block_mask_from_dense
 from dapo_mcore.models.hf_config import ArchSpec, transformer_config
+from dapo_mcore.packing import thd_positions
+from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
 
 
 class ValueHead(torch.nn.Module):
@@ -45,8 +48,6 @@ def default_paths():
     """The fast-path choice for this machine and the current TP size (``FastPathConfig()`` defaults)."""
     from megatron.core import parallel_state as ps
 
-    from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
-
     return resolve(FastPathConfig(), tp=ps.get_tensor_model_parallel_world_size())
 
 
@@ -60,8 +61,6 @@ def _layer_spec(paths):
     import functools
 
     from megatron.core.models.gpt import gpt_layer_specs as specs
-
-    from dapo_mcore.parallel.fast_paths import FlexCoreAttention, ThdCoreAttention
 
     if paths.layer_spec == "transformer_engine":
         spec = specs.get_gpt_layer_with_transformer_engine_spec()
@@ -97,8 +96,6 @@ def _gpt_model_class():
             elif packed_seq_params is not None:
                 raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
             if getattr(self, "attention_backend", "dense_mask") == "flex" and torch.is_tensor(attention_mask):
-                from dapo_mcore.parallel.fast_paths import block_mask_from_dense
-
                 attention_mask = block_mask_from_dense(attention_mask)
             self._output_mode = output
             # THD: megatron's cu_seqlens RoPE (positions restart per document) == position_ids (checked)
@@ -146,19 +143,22 @@ def _check_thd_inputs(input_ids: Optional[Tensor], position_ids: Optional[Tensor
                          f"got {tuple(position_ids.shape)}")
     if input_ids is not None and input_ids.shape != position_ids.shape:
         raise ValueError(f"THD input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
-    from dapo_mcore.parallel.fast_paths import thd_positions
-
     if not torch.equal(position_ids[0], thd_positions(cu).to(position_ids.device)):
         raise ValueError("THD position_ids must restart at 0 in every cu_seqlens document (megatron's RoPE does)")
+
+
+def unwrap_model(model):
+    """The model inside megatron's DDP / Float16 wrappers (each holds the next as ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def model_packing(chunks) -> str:
     """The packing (``"thd"`` | ``"dense_mask"``) the model chunk(s) were built for (``ResolvedPaths.packing``),
     through DDP/Float16 wrappers: what batch builders must produce for them."""
     m = chunks[0] if isinstance(chunks, (list, tuple)) else chunks
-    while hasattr(m, "module"):
-        m = m.module
-    return getattr(m, "packing", "dense_mask")
+    return getattr(unwrap_model(m), "packing", "dense_mask")
 
 
 def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_process: bool = True,

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from dapo_mcore.parallel.fast_paths import PORTABLE
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -133,8 +135,6 @@ def transformer_config(arch: ArchSpec, tp: int = 1, pp: int = 1, vpp: Optional[i
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
-
-    from dapo_mcore.parallel.fast_paths import PORTABLE
 
     paths = PORTABLE if paths is None else paths
     arch.check_parallel(tp, pp)

@@ -1,7 +1,7 @@
 """Chain-of-operations task: a start value and a list of small +/- operations.
 
 Prompt ``"47:+8-3+9-6\\n"``; a correct solution has one line per operation that repeats its
-inputs, then the answer line::
+inputs, then the answer line (the format :mod:`dapo_mcore.verify.exact` reads)::
 
     47+8=55
     55-3=52
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from dapo_mcore.verify.exact import ANSWER_KEY
 
 DELIMITER = "\n"
 
@@ -54,7 +56,7 @@ class ChainProblem:
             sign = "+" if o >= 0 else "-"
             lines.append(f"{v}{sign}{abs(o)}={new}")
             v = new
-        lines.append(f"answer: {v}")
+        lines.append(f"{ANSWER_KEY} {v}")
         return DELIMITER.join(lines)
 
     def to_record(self) -> dict:
@@ -79,13 +81,3 @@ def sample_problem(rng: random.Random, idx: int, n_ops: tuple[int, int] = (3, 5)
 def make_problems(n: int, seed: int, n_ops: tuple[int, int] = (3, 5), prefix: str = "p") -> list[ChainProblem]:
     rng = random.Random(seed)
     return [sample_problem(rng, i, n_ops, prefix) for i in range(n)]
-
-
-def extract_answer(text: str) -> str | None:
-    """The value after the last ``answer:`` in ``text``, or None."""
-    key = "answer:"
-    pos = text.rfind(key)
-    if pos < 0:
-        return None
-    rest = text[pos + len(key):].strip().split(DELIMITER)[0].strip()
-    return rest or None
