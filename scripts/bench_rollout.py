@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dapo_mcore.data.shards import ShardedWriter, iter_records  # noqa: E402
-from dapo_mcore.models.tiny import TinyModelConfig, build_tiny_checkpoint  # noqa: E402
+from dapo_mcore.tasks.tiny import TinyModelConfig, build_tiny_checkpoint  # noqa: E402
 from dapo_mcore.rollout.common import BackendConfig  # noqa: E402
-from dapo_mcore.rollout.mc import MCConfig, run_mc  # noqa: E402
+from dapo_mcore.mc.stage import MCConfig, run_mc  # noqa: E402
 from dapo_mcore.tasks.chain import make_problems  # noqa: E402
 
 PREAMBLE = "Apply the operations one at a time. Write one line per operation, then the answer line. "

@@ -63,7 +63,7 @@ def main() -> None:
     from dapo_mcore.models.convert import load_hf_weights
     from dapo_mcore.models.gpt import build_model_chunks
     from dapo_mcore.models.hf_config import load_arch, transformer_config
-    from dapo_mcore.models.tiny import bench_checkpoint
+    from dapo_mcore.tasks.tiny import bench_checkpoint
     from dapo_mcore.packing import dp_share
     from dapo_mcore.parallel.fast_paths import PORTABLE
     from dapo_mcore.parallel.runtime import ParallelConfig, initialize_parallel

@@ -7,7 +7,7 @@ import torch
 
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig, sample_tokens
-from dapo_mcore.rollout.toy import build_toy_completer
+from dapo_mcore.tasks.toy import build_toy_completer
 from dapo_mcore.tasks.chain import make_problems
 
 torch.set_num_threads(1)

@@ -244,7 +244,7 @@ class ScriptedBackend:
 
 
 def test_generate_stage_with_code_verifier(tiny_qwen2, tmp_path):
-    from dapo_mcore.rollout.generate import GenerateConfig, run_generate
+    from dapo_mcore.generate.stage import GenerateConfig, run_generate
 
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"id": "add", "prompt": "Add two ints.", "answer": ADD_STDIO}) + "\n"

@@ -44,11 +44,12 @@ forward) and ``tests/test_train_fast_paths.py`` (every emulated path in ``Megatr
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
+
+from dapo_mcore.config import option
 
 MODES = ("auto", "gpu", "cpu", "emulate")
 RECOMPUTE = ("none", "full", "selective")
@@ -60,19 +61,19 @@ class FastPathError(ValueError):
 
 @dataclass
 class FastPathConfig:
-    """What a run asks for; :func:`resolve` decides what it gets on this machine (see the module doc).
+    """What a run asks for; :func:`resolve` decides what it gets on this machine (see the module doc)."""
 
-    ``recompute``: ``"none"``, ``"full"`` (every layer, megatron ``recompute_granularity="full"``, method
-    uniform) or ``"selective"`` (core attention only)."""
-
-    mode: str = "auto"
-    bf16: bool = True
-    recompute: str = "none"
-    distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = True
-    overlap_param_gather: bool = True
-    thd_packing: bool = True
-    shared_prefix_attention: str = "flex"      # flex | dense
+    mode: str = option("auto", "auto (GPU paths with CUDA, else portable) | gpu | cpu | emulate (the GPU "
+                               "configuration's megatron features on this machine)")
+    bf16: bool = option(True, "bf16 params with fp32 main params")
+    recompute: str = option("none", "activation recompute: none | full (every layer) | selective (core attention)",
+                            flag="--recompute")
+    distributed_optimizer: bool = option(True, "shard optimizer states over data-parallel ranks")
+    overlap_grad_reduce: bool = option(True, "overlap the gradient reduce with the backward pass")
+    overlap_param_gather: bool = option(True, "overlap the param all-gather with the forward pass (distributed "
+                                              "optimizer only)")
+    thd_packing: bool = option(True, "THD packed sequences for example rows (critic training, SFT)")
+    shared_prefix_attention: str = option("flex", "shared-prefix rows: flex (flex_attention block mask) | dense")
 
 
 @dataclass(frozen=True)
@@ -155,39 +156,3 @@ def resolve(cfg: FastPathConfig, tp: int, sequence_parallel: bool = False, cuda:
         return ResolvedPaths(gpu=False, layer_spec="local", packing="thd" if cfg.thd_packing else "dense_mask",
                              shared_prefix_attention="dense_mask", sequence_parallel=False, **features)
     return PORTABLE
-
-
-def add_fast_path_args(ap: argparse.ArgumentParser) -> None:
-    """The fast-path flags of every Megatron stage's command line (unset: the config's value)."""
-    g = ap.add_argument_group("fast paths")
-    g.add_argument("--fast-paths", choices=MODES, default=None, dest="fast_paths",
-                   help="auto: GPU paths with CUDA, else portable; emulate: the GPU configuration's megatron "
-                        "features on this machine (see dapo_mcore.parallel.fast_paths)")
-    g.add_argument("--recompute", choices=RECOMPUTE, default=None, help="activation recompute")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 params with fp32 main params")
-    g.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
-                   help="shard optimizer states over data-parallel ranks")
-    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="overlap grad reduce (and param gather with the distributed optimizer)")
-
-
-def fast_paths_from_args(a: argparse.Namespace, base: Optional[FastPathConfig] = None) -> FastPathConfig:
-    """``base`` (default ``FastPathConfig()``) with the flags of :func:`add_fast_path_args` that were given."""
-    import dataclasses
-
-    base = base or FastPathConfig()
-    kw: dict = {}
-    if a.fast_paths is not None:
-        kw["mode"] = a.fast_paths
-    if a.recompute is not None:
-        kw["recompute"] = a.recompute
-    if a.bf16 is not None:
-        kw["bf16"] = a.bf16
-    if a.distributed_optimizer is not None:
-        kw["distributed_optimizer"] = a.distributed_optimizer
-    if a.overlap is not None:
-        kw["overlap_grad_reduce"] = kw["overlap_param_gather"] = a.overlap
-    if kw.get("distributed_optimizer") is False and a.overlap is None:
-        kw["overlap_param_gather"] = False      # param gather overlap exists only with the distributed optimizer
-    return dataclasses.replace(base, **kw)
