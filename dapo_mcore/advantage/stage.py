@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from dapo_mcore.advantage.core import advantages, keep_state, ranking_agreement, select_q, unique_actions
 from dapo_mcore.config import identity, option
@@ -131,8 +132,6 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
     ref = _load(cfg.reference_path, False, cfg.parallel) if todo else None
     bar = None
     if rank0 and cfg.show_progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=sum(len(shards[i]) for i in todo), desc="advantage", unit="state", mininterval=1.0)
     for si in todo:
         shard = shards[si]

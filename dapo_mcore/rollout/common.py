@@ -1,8 +1,11 @@
-"""What the rollout stages share: backend selection and the progress/throughput meter."""
+"""What the rollout stages share: their common config (RolloutConfig), backend selection, the sharded-stage
+runner and the progress/throughput meter."""
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
 
 from dapo_mcore.config import option
 from dapo_mcore.data.shards import chunk, write_summary
@@ -93,8 +96,6 @@ class RolloutMeter:
 
 
 def progress(total: int, desc: str, disable: bool | None = None):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, disable=disable)
 
 

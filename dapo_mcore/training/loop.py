@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from dapo_mcore.data.shards import write_summary
 from dapo_mcore.models.convert import load_hf_weights
@@ -66,8 +67,6 @@ def run_loop(trainer: MegatronTrainer, cfg: LoopConfig, out: Path, microbatches_
 
             tb = SummaryWriter(str(out / "tb"))
         if cfg.show_progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.total_steps, initial=start, desc=cfg.name, unit="step", mininterval=1.0)
     interrupted = {"flag": False}
     old = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True)) if rank0 else None
