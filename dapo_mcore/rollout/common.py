@@ -11,7 +11,27 @@ from dapo_mcore.rollout.backend import GenerationBackend
 class BackendConfig:
     """``kind``: ``"embedded"`` (in-process, default without a GPU) or ``"sglang"`` (HTTP to a
     server or router at ``url``). ``prefix_reuse``/``max_batch_rows``/``dtype``: embedded only;
-    ``concurrency``/``timeout_s``/``max_retries``: sglang only."""
+    ``concurrency``/``timeout_s``/``max_retries``: sglang only.
+
+    SGLang fleet (:mod:`dapo_mcore.rollout.fleet`; ``kind: sglang`` only). Before the first request
+    every server (behind a router: every worker) is asked what it serves (``/get_model_info``).
+    ``launch``: start the servers for the stage's model (``servers`` of them, each ``tp`` x ``dp``
+    devices, on ``host`` at ``port`` (router, or the single server) and ``port+1..port+servers``
+    behind one ``sglang-router --policy cache_aware`` when ``servers > 1``; ``port: 0`` picks free
+    ports) and stop them, waiting until their processes are gone, when the stage ends; ``false``:
+    use the external fleet at ``url``. ``swap_weights``: a server that serves another model is
+    swapped to the stage's (``/update_weights_from_disk``, then ``/flush_cache``); ``false``: that is
+    an error naming both models. ``device``: ``auto`` (``cuda`` if torch sees a GPU, else ``cpu``),
+    ``cpu`` (SGLang's CPU engine with the flags of :data:`~dapo_mcore.rollout.fleet.CPU_SERVER_ARGS`)
+    or ``cuda`` (``--tp-size/--dp-size/--mem-fraction-static``, server i on GPUs
+    ``i*tp*dp .. (i+1)*tp*dp-1`` of the visible ones). ``server_args``: extra ``sglang.launch_server``
+    arguments for every server. ``python``: the interpreter with SGLang (default: ``$DAPO_SGLANG_VENV``,
+    else the repo's ``.venv-sglang`` from ``scripts/setup.sh --sglang`` if present, else this one);
+    ``router_path``: the ``sglang-router`` executable (default: beside that python, then on PATH).
+    ``launch_timeout_s``: the bound on servers and router becoming healthy; ``recover_timeout_s``:
+    the bound on a fleet becoming healthy again after a server died mid-stage (a launched server is
+    restarted); ``stop_grace_s``: SIGTERM to SIGKILL; ``log_dir``: server and router logs (default: a
+    new temporary directory)."""
 
     kind: str = "embedded"
     prefix_reuse: bool = True
@@ -21,10 +41,37 @@ class BackendConfig:
     concurrency: int = 32
     timeout_s: float = 600.0
     max_retries: int = 5
+    launch: bool = False
+    swap_weights: bool = False
+    servers: int = 1
+    tp: int = 1
+    dp: int = 1
+    host: str = "127.0.0.1"
+    port: int = 30000
+    device: str = "auto"
+    mem_fraction_static: float = 0.85
+    server_args: list[str] = field(default_factory=list)
+    python: str = ""
+    router_path: str = ""
+    launch_timeout_s: float = 900.0
+    recover_timeout_s: float = 300.0
+    stop_grace_s: float = 30.0
+    log_dir: str = ""
 
     def __post_init__(self):
         if self.kind not in ("embedded", "sglang"):
             raise ValueError(f"backend kind must be 'embedded' or 'sglang', got {self.kind!r}")
+        for name in ("servers", "tp", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"backend.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535 - self.servers:
+            raise ValueError(f"backend.port must be in [0, {65535 - self.servers}], got {self.port}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"backend.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"backend.mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if isinstance(self.server_args, str):
+            raise ValueError("backend.server_args must be a list of strings, e.g. [--context-length, '4096']")
 
     def identity(self) -> dict:
         """The fields that can change results (goes into the stage's config hash): the server
@@ -38,9 +85,11 @@ def make_backend(cfg: BackendConfig, model_path: str) -> GenerationBackend:
 
         return EmbeddedEngine(EngineConfig(model_path, prefix_reuse=cfg.prefix_reuse,
                                            max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype))
-    from dapo_mcore.rollout.sglang_client import SGLangClient, SGLangClientConfig
+    from dapo_mcore.rollout.fleet import open_backend
 
-    return SGLangClient(SGLangClientConfig(cfg.url, cfg.concurrency, cfg.timeout_s, cfg.max_retries))
+    # checks (and with swap_weights swaps) what every server serves before returning; with
+    # launch=True the servers are started here and stopped by the backend's close()
+    return open_backend(cfg, model_path)
 
 
 @dataclass
