@@ -8,7 +8,8 @@ Run as ``sglang_fake_server.py -m sglang.launch_server --model-path M --host H -
 ``/update_weight_version`` change the model/version; ``/get_server_info`` counts flushes and
 generate calls. It starts one child process (``sleep``) so group stops can be checked.
 Environment: ``FAKE_SGLANG_EXIT=CODE`` prints a line and exits at once; ``FAKE_SGLANG_DELAY=S`` waits
-S seconds before listening (a slow start).
+S seconds before listening (a slow start); ``FAKE_SGLANG_FAIL_FIRST=K`` answers the first K
+``/generate`` with HTTP 503.
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {"success": True})
         if path == "/generate":
             STATE["generates"] += 1
+            if STATE["generates"] <= int(os.environ.get("FAKE_SGLANG_FAIL_FIRST", "0")):
+                return self._send(503, {"error": {"message": "overloaded (FAKE_SGLANG_FAIL_FIRST)"}})
             ids, sp = body["input_ids"], body.get("sampling_params") or {}
             out = [{"text": f"s{i}", "output_ids": [len(ids), i, _model_hash()],
                     "meta_info": {"prompt_tokens": len(ids), "completion_tokens": 3, "cached_tokens": len(ids) - 1,

@@ -212,6 +212,17 @@ def test_killed_server_is_restarted_and_the_request_retried(fake_python, models,
     assert fleet.servers == []
 
 
+def test_failing_requests_recover_through_the_fleet(fake_python, models, tmp_path, monkeypatch):
+    """5xx after all retries: the client calls the fleet's recover() once for the requests that failed
+    together (nothing died: it checks health and the served model), then retries them."""
+    monkeypatch.setenv("FAKE_SGLANG_FAIL_FIRST", "4")
+    with serving(_cfg(fake_python, tmp_path, max_retries=1, concurrency=2), models[0]) as be:
+        be.cfg.backoff_s = 0.05
+        out = be.generate([GenRequest([1] * k, SamplingParams()) for k in (1, 2)])
+        assert [r[0]["output_ids"][0] for r in out] == [1, 2]
+        assert be.recoveries == 1 and be.retries == 2 and be.fleet.restarts == 0
+
+
 def test_unrecoverable_server_raises_so_the_stage_stops(fake_python, models, tmp_path, monkeypatch):
     a, _ = models
     cfg = _cfg(fake_python, tmp_path, max_retries=0, recover_timeout_s=3)
@@ -253,3 +264,76 @@ def test_two_launched_servers_behind_the_router(fake_python, models, tmp_path, t
 def test_free_ports_are_distinct():
     ports = free_ports("127.0.0.1", 5)
     assert len(set(ports)) == 5
+
+
+def test_preflight(fake_python, models, tmp_path):
+    a, b = models
+    with pytest.raises(FleetError, match="cannot import sglang"):      # the fake 'python' has no sglang
+        Fleet(_cfg(fake_python, tmp_path)).preflight(a)
+    with Fleet(_cfg(fake_python, tmp_path)).start(a) as fleet:
+        url = fleet.url
+        ext = Fleet(BackendConfig("sglang", url=url))
+        ext.preflight(a)
+        with pytest.raises(ModelMismatch, match=f"serves {a}"):
+            ext.preflight(b)
+        Fleet(BackendConfig("sglang", url=fleet.url, swap_weights=True)).preflight(b)
+    with pytest.raises(FleetError, match="not healthy"):
+        Fleet(BackendConfig("sglang", url=url)).preflight(a)           # nothing listens there now
+
+
+def _load_standin(name: str, alias: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sglang_cpu" / name / "__init__.py"
+    spec = importlib.util.spec_from_file_location(alias, path, submodule_search_locations=[])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sgl_kernel_standin_matches_the_reference_loop():
+    import torch
+
+    k = _load_standin("sgl_kernel", "sgl_kernel_standin_under_test")
+    g = torch.Generator().manual_seed(0)
+    for idx_dtype in (torch.int32, torch.int64):
+        bs, pool_len, num_reqs = 6, 40, 9
+        req_pool_indices = torch.randperm(num_reqs, generator=g)[:bs].to(idx_dtype)
+        start = torch.randint(0, 20, (bs,), generator=g).to(idx_dtype)
+        lens = torch.randint(0, 15, (bs,), generator=g).to(idx_dtype)
+        lens[2] = 0                                                     # an empty request
+        end = start + lens
+        out_cache_loc = torch.randperm(4096, generator=g)[:int(lens.sum())].to(torch.int64)
+        got = torch.full((num_reqs, pool_len), -1, dtype=torch.int32)
+        ref = got.clone()
+        k.assign_req_to_token_pool_cpu(req_pool_indices, got, start, end, out_cache_loc, pool_len)
+        off = 0
+        for i in range(bs):                                             # the note's definition
+            n = int(end[i] - start[i])
+            ref[int(req_pool_indices[i]), int(start[i]):int(end[i])] = out_cache_loc[off:off + n].to(torch.int32)
+            off += n
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="pool_len"):
+        k.assign_req_to_token_pool_cpu(req_pool_indices, got, start, end, out_cache_loc, pool_len + 1)
+    with pytest.raises(NotImplementedError, match=r"sgl_kernel\.fused_add_rmsnorm\(\) was called"):
+        k.fused_add_rmsnorm(None)
+    from_import = k.__getattr__("decode_attention_cpu")               # what `from sgl_kernel import x` gets
+    assert from_import.__name__ == "decode_attention_cpu" and k.STANDIN
+
+
+def test_torchvision_standin_is_inert():
+    import importlib
+
+    tv = _load_standin("torchvision", "torchvision_standin_under_test")
+    try:
+        F = importlib.import_module("torchvision_standin_under_test.transforms.functional")
+        mode = tv.transforms.InterpolationMode.BICUBIC
+        assert F.pil_to_tensor(object()) is not None and mode is not None
+
+        class T(tv.transforms.Transform):                             # subclassable
+            pass
+
+        assert T()(1, 2) is not None
+    finally:
+        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "torchvision_standin_under_test"]

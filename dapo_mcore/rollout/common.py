@@ -30,8 +30,9 @@ class BackendConfig:
     ``router_path``: the ``sglang-router`` executable (default: beside that python, then on PATH).
     ``launch_timeout_s``: the bound on servers and router becoming healthy; ``recover_timeout_s``:
     the bound on a fleet becoming healthy again after a server died mid-stage (a launched server is
-    restarted); ``stop_grace_s``: SIGTERM to SIGKILL; ``log_dir``: server and router logs (default: a
-    new temporary directory)."""
+    restarted), at most ``max_recoveries`` times per request before the stage stops;
+    ``stop_grace_s``: SIGTERM to SIGKILL; ``log_dir``: server and router logs (default: a new
+    temporary directory)."""
 
     kind: str = "embedded"
     prefix_reuse: bool = True
@@ -55,6 +56,7 @@ class BackendConfig:
     router_path: str = ""
     launch_timeout_s: float = 900.0
     recover_timeout_s: float = 300.0
+    max_recoveries: int = 2
     stop_grace_s: float = 30.0
     log_dir: str = ""
 

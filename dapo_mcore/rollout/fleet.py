@@ -48,6 +48,7 @@ from typing import Iterator
 
 import httpx
 
+from dapo_mcore.rollout.backend import GenRequest
 from dapo_mcore.rollout.common import BackendConfig
 from dapo_mcore.rollout.sglang_client import SGLangClient, SGLangClientConfig, SGLangError, ServedModelChanged
 
@@ -274,7 +275,10 @@ class ManagedProcess:
             return f"(no log: {e})"
 
     def describe(self) -> str:
-        state = "running" if self.alive() else f"exited with code {self.proc.returncode}" if self.proc else "not started"
+        if self.proc is None:
+            state = "not started"
+        else:
+            state = "running" if self.alive() else f"exited with code {self.proc.returncode}"
         return f"{self.name} at {self.url} ({state}); last lines of {self.log_path}:\n{self.log_tail()}"
 
 
@@ -643,20 +647,38 @@ class Fleet:
 
 
 class FleetBackend(SGLangClient):
-    """The generation backend of a stage on SGLang: an :class:`SGLangClient` bound to a fleet that
-    was checked to serve :attr:`served_model`. ``check()``: raise :class:`ServedModelChanged` if a
-    server changed model since; ``close()`` also stops the fleet if this backend launched it."""
+    """The generation backend of a stage on SGLang: an :class:`SGLangClient` (settings from ``cfg``,
+    default the fleet's) bound to a fleet that was checked to serve :attr:`served_model`. Before each
+    batch a launched server or router that died is restarted (:meth:`Fleet.recover`), even when the
+    router hid its failure by sending the requests elsewhere. ``check()``: raise
+    :class:`ServedModelChanged` if a server changed model since; ``close()`` also stops the fleet if
+    this backend launched it."""
 
-    def __init__(self, fleet: Fleet, served_model: ServedModel, own_fleet: bool):
-        c = fleet.cfg
+    def __init__(self, fleet: Fleet, served_model: ServedModel, own_fleet: bool, cfg: BackendConfig | None = None):
+        c = cfg or fleet.cfg
         super().__init__(SGLangClientConfig(fleet.url, c.concurrency, c.timeout_s, c.max_retries,
                                             health_timeout_s=c.launch_timeout_s,
-                                            recover_timeout_s=c.recover_timeout_s),
+                                            recover_timeout_s=c.recover_timeout_s, max_recoveries=c.max_recoveries),
                          wait=False, recover=fleet.recover, expect_weight_version=served_model.weight_version)
         self.fleet, self.served_model, self.own_fleet = fleet, served_model, own_fleet
 
+    def generate(self, requests: list[GenRequest]) -> list[list[dict]]:
+        f = self.fleet
+        if f.launched and not all(p.alive() for p in f.servers + ([f.router] if f.router else [])):
+            try:
+                self._recover(self.recoveries)
+            except Exception as e:  # noqa: BLE001 - the stage sees one kind of error
+                raise SGLangError(f"{f.url}: a launched process died; recovering the server failed: {e}") from e
+        return super().generate(requests)
+
     def check(self) -> None:
         self.fleet.check_serving(self.served_model)
+
+    def __enter__(self) -> "FleetBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         try:
@@ -671,7 +693,8 @@ def open_backend(cfg: BackendConfig, model_path: str | os.PathLike, fleet: Fleet
     """The backend of one stage on SGLang serving ``model_path``: with ``fleet`` given, that one
     (not stopped at close); else a new :class:`Fleet` of ``cfg``, launched here if ``cfg.launch``
     (and stopped by the backend's ``close()``). Waits for health, then
-    :meth:`Fleet.ensure_serving` (swap or :class:`ModelMismatch`) before any request is sent."""
+    :meth:`Fleet.ensure_serving` (swap or :class:`ModelMismatch`) before any request is sent. The
+    client's settings (concurrency, timeouts, retries, recoveries) come from ``cfg``."""
     own = fleet is None
     fleet = fleet or Fleet(cfg, log_dir)
     try:
@@ -680,7 +703,7 @@ def open_backend(cfg: BackendConfig, model_path: str | os.PathLike, fleet: Fleet
         else:
             fleet.wait_healthy(cfg.launch_timeout_s)
         served = fleet.ensure_serving(model_path, cfg.swap_weights)
-        return FleetBackend(fleet, served, own)
+        return FleetBackend(fleet, served, own, cfg)
     except BaseException:
         if own:
             fleet.close()
