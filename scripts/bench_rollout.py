@@ -109,6 +109,37 @@ def main() -> None:
     print(f"RESULT mc_reuse_speedup {r1 / r0:.2f} x")
     print(f"RESULT mc_prompt_cache_fraction {out[True][0]['throughput']['cache_hit_rate']:.4f} fraction")
     print(f"RESULT mc_identical_completions {same / max(total, 1):.4f} fraction")
+    bench_sglang(ckpt, gen, work, a.n, a.max_new_tokens, max(1, a.max_batch_rows // a.n), out[True][0])
+
+
+def bench_sglang(ckpt: Path, gen: Path, work: Path, n: int, max_new_tokens: int, batch_requests: int,
+                 embedded_summary: dict) -> None:
+    """The same mc workload (same states, same N) on the real SGLang CPU server (one server launched
+    by the fleet with the CPU flags, radix cache on), beside the embedded engine's figures. Prints
+    ``RESULT mc_sglang_samples_per_s`` and ``RESULT mc_sglang_prompt_cache_fraction``; skipped with a
+    message when the SGLang venv (scripts/setup.sh --sglang) is absent. The server's start-up is not
+    timed: samples/s is the mc stage's own meter, from the first request on."""
+    import subprocess
+
+    from dapo_mcore.rollout.fleet import resolve_python, serving
+
+    cfg = BackendConfig("sglang", launch=True, port=0, device="cpu", concurrency=batch_requests,
+                        server_args=["--max-total-tokens", "65536"], log_dir=str(work / "sglang-logs"))
+    py = resolve_python(cfg)
+    if not Path(py).exists() or subprocess.run([py, "-c", "import importlib.util as u, sys; "
+                                                "sys.exit(0 if u.find_spec('sglang') else 1)"]).returncode:
+        print(f"SKIP mc on the real SGLang server: no SGLang venv ({py}); run scripts/setup.sh --sglang", flush=True)
+        return
+    mcfg = MCConfig(str(ckpt), num_completions=n, max_new_tokens=max_new_tokens, shard_size=10_000,
+                    batch_requests=batch_requests, show_progress=False, backend=cfg)
+    with serving(cfg, ckpt) as backend:
+        s = run_mc(mcfg, gen, work / "mc_sglang", backend=backend, overwrite=True)
+    th, emb = s["throughput"], embedded_summary["throughput"]
+    print(f"sglang server: {th['samples']} samples, {th['seconds']:.1f} s, {th['samples_per_s']:.1f} samples/s, "
+          f"cache {th['cache_hit_rate']:.1%} | embedded (prefix reuse): {emb['samples_per_s']:.1f} samples/s, "
+          f"cache {emb['cache_hit_rate']:.1%}", flush=True)
+    print(f"RESULT mc_sglang_samples_per_s {th['samples_per_s']:.2f} samples/s")
+    print(f"RESULT mc_sglang_prompt_cache_fraction {th['cache_hit_rate']:.4f} fraction")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 # The project's test command (README, .ci/run): set up if needed, then pytest.
 #   scripts/test.sh            default suite (CPU, < ~20 min)
 #   scripts/test.sh --slow     only the slow tests
-#   scripts/test.sh --all      everything
+#   scripts/test.sh --sglang   only the tests against a real SGLang server (sets up .venv-sglang first
+#                              with scripts/setup.sh --sglang; ~10 min on 2 cores)
+#   scripts/test.sh --all      everything (the sglang tier is skipped if its venv is absent)
 # Extra arguments after the mode go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 VENV="${DAPO_VENV:-$ROOT/.venv}"
-MARK=(-m "not slow")
+MARK=(-m "not slow and not sglang")
 case "${1:-}" in
-  --slow) MARK=(-m "slow"); shift ;;
+  --slow) MARK=(-m "slow and not sglang"); shift ;;
+  --sglang) "$ROOT/scripts/setup.sh" --sglang; MARK=(-m "sglang"); shift ;;
   --all) MARK=(); shift ;;
 esac
 cd "$ROOT"

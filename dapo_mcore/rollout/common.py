@@ -11,26 +11,8 @@ from dapo_mcore.config import option
 from dapo_mcore.data.shards import chunk, write_summary
 from dapo_mcore.rollout.backend import GenerationBackend
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
-from dapo_mcore.rollout.sglang_client import SGLangClient, SGLangClientConfig
-
-
-@dataclass
-class BackendConfig:
-    """Where samples come from: ``kind`` ``"embedded"`` (in-process, default without a GPU) or ``"sglang"``
-    (HTTP to a server or router at ``url``)."""
-
-    kind: str = option("embedded", "embedded (in-process engine) | sglang (HTTP server or router at url)")
-    prefix_reuse: bool = option(True, "embedded: reuse a prompt's prefix KV across its samples", identity=False)
-    max_batch_rows: int = option(256, "embedded: sequences decoded at once", identity=False)
-    dtype: str = option("float32", "embedded: compute dtype")
-    url: str = option("http://127.0.0.1:30000", "sglang: server or router address", identity=False)
-    concurrency: int = option(32, "sglang: requests in flight", identity=False)
-    timeout_s: float = option(600.0, "sglang: seconds per request", identity=False)
-    max_retries: int = option(5, "sglang: retries of a failed request", identity=False)
-
-    def __post_init__(self):
-        if self.kind not in ("embedded", "sglang"):
-            raise ValueError(f"backend kind must be 'embedded' or 'sglang', got {self.kind!r}")
+from dapo_mcore.rollout.backend_config import BackendConfig
+from dapo_mcore.rollout.fleet import open_backend
 
 
 @dataclass(kw_only=True)
@@ -53,7 +35,9 @@ def make_backend(cfg: BackendConfig, model_path: str) -> GenerationBackend:
     if cfg.kind == "embedded":
         return EmbeddedEngine(EngineConfig(model_path, prefix_reuse=cfg.prefix_reuse,
                                            max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype))
-    return SGLangClient(SGLangClientConfig(cfg.url, cfg.concurrency, cfg.timeout_s, cfg.max_retries))
+    # checks (and with swap_weights swaps) what every server serves before returning; with
+    # launch=True the servers are started here and stopped by the backend's close()
+    return open_backend(cfg, model_path)
 
 
 @dataclass
