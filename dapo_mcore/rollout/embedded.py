@@ -55,7 +55,7 @@ from dapo_mcore.rollout.segment import TokenBytes
 
 _Q_ALIGN = 32            # query columns of a prefix pass: a multiple of this (see module doc)
 _Q_CHUNK = 512           # at most this many new tokens of a row per prefix pass
-_ATTN_BUDGET = 1 << 26   # attention scores (elements) per prefix pass: the math kernel materialises them
+_ATTN_BUDGET = 1 << 20   # attention scores per prefix pass (the math kernel materialises them): 4 MiB, cache-sized
 
 
 @dataclass
@@ -413,12 +413,13 @@ class EmbeddedEngine:
         rows holding that prefix, left padded to the longest prefix C, ``extra`` free positions after."""
         lens = [sum(c.shape[3] for c in chunks) for chunks, _ in groups]
         C, R = max(lens), sum(n for _, n in groups)
-        kv = torch.zeros((self._layers, 2, R, self._kv_heads, C + extra, self._head_dim), dtype=self._kv_dtype)
+        kv = torch.empty((self._layers, 2, R, self._kv_heads, C + extra, self._head_dim), dtype=self._kv_dtype)
         mask = torch.zeros((R, C), dtype=torch.long)
         r0 = 0
         for (chunks, n), ln in zip(groups, lens):
             a = C - ln
             mask[r0:r0 + n, a:] = 1
+            kv[:, :, r0:r0 + n, :, :a] = 0     # masked, but must be finite (0 * nan = nan in attention)
             for c in chunks:
                 kv[:, :, r0:r0 + n, :, a:a + c.shape[3]] = c.unsqueeze(2)
                 a += c.shape[3]
