@@ -59,6 +59,7 @@ class RadixCache:
         self.tokens = 0
         self.evicted_tokens = 0
         self._clock = 0
+        self._pending: list[Node] = []   # nodes created pending since the last fill/discard
 
     # -- lookup / insert ------------------------------------------------------------------------
     def insert(self, ids: list[int]) -> tuple[Node, int]:
@@ -76,6 +77,7 @@ class RadixCache:
             if child is None:
                 leaf = Node(list(ids[i:]), node)
                 node.children[ids[i]] = leaf
+                self._pending.append(leaf)
                 new += len(ids) - i
                 node, i = leaf, len(ids)
                 break
@@ -127,14 +129,8 @@ class RadixCache:
 
     def pending(self) -> list[Node]:
         """All pending nodes (created by the running batch), parents before children."""
-        out, stack = [], [self.root]
-        while stack:
-            n = stack.pop()
-            for c in n.children.values():
-                if c.kv is None:
-                    out.append(c)
-                stack.append(c)
-        return sorted(out, key=lambda n: n.depth_tokens())
+        self._pending = [n for n in self._pending if n.kv is None]
+        return sorted(self._pending, key=lambda n: n.depth_tokens())
 
     # -- memory -----------------------------------------------------------------------------------
     def evict(self, max_bytes: int | None = None) -> int:
@@ -162,13 +158,15 @@ class RadixCache:
     def discard_pending(self) -> None:
         """Detach every pending node with its subtree (all pending: children are computed after their
         parents), for a batch that failed before filling them. Release the batch's pins first."""
-        for n in self._nodes():
-            if n.kv is None and n.parent is not None and (n.parent.parent is None or n.parent.kv is not None):
+        for n in self._pending:
+            if n.kv is None and (n.parent.parent is None or n.parent.kv is not None):
                 del n.parent.children[n.key[0]]
+        self._pending = []
 
     def clear(self) -> None:
         self.root = Node([], None)
         self.bytes = self.tokens = 0
+        self._pending = []
 
     def check(self) -> None:
         """Invariants (tests): stored bytes/tokens add up, refs >= 0, children keyed by first token,
@@ -185,6 +183,9 @@ class RadixCache:
             if n.kv is not None:
                 b += n.kv.nbytes
                 t += len(n.key)
+        in_tree = {id(n) for n in self._nodes() if n.kv is None and n.parent is not None}
+        if in_tree != {id(n) for n in self._pending if n.kv is None}:
+            raise AssertionError("pending nodes in the tree and the pending list differ")
         if (b, t) != (self.bytes, self.tokens):
             raise AssertionError(f"stored {b} B / {t} tokens, counted {self.bytes} B / {self.tokens} tokens")
 
@@ -194,6 +195,8 @@ class RadixCache:
         its identity as the lower part, so pointers to it stay valid)."""
         mid = Node(child.key[:k], child.parent)
         mid.refs, mid.last_use = child.refs, child.last_use
+        if child.kv is None:
+            self._pending.append(mid)
         child.parent.children[child.key[0]] = mid
         child.key = child.key[k:]
         child.parent = mid
