@@ -17,8 +17,10 @@ A batch runs in two phases:
 2. **Decode**: each sample's prefix KV is copied into preallocated buffers (left padded to the
    batch's longest prefix, no per-step ``torch.cat``), then every sample computes its last prompt
    token and its new tokens. Finished rows are compacted away in bulk. This phase is the same
-   code on the same layout in every mode, so outputs (ids and logprobs) are bit-identical with
-   and without prefix reuse and with and without the radix cache.
+   code on the same layout in every mode, so for the same calls outputs (ids and logprobs) are
+   bit-identical with and without prefix reuse and with and without the radix cache. (Decode
+   itself still depends on its batch's shape, as before: a request batched differently can
+   differ in the last bits.)
 
 **Radix cache** (:class:`~dapo_mcore.rollout.radix.RadixCache`, as SGLang's radix cache shares
 the nested states of a solution): a tree mapping token prefixes to their KV. A batch inserts its
