@@ -23,6 +23,8 @@ class BackendConfig:
     kind: str = option("embedded", "embedded (in-process engine) | sglang (HTTP server or router)")
     prefix_reuse: bool = option(True, "embedded: reuse cached prefix KV (radix cache across states)", identity=False)
     max_batch_rows: int = option(256, "embedded: sequences decoded at once", identity=False)
+    radix_cache_bytes: int = option(1 << 30, "embedded: bound of the cross-request radix prefix cache (KV bytes; "
+                                    "0: share a prefix only among one request's samples)", identity=False)
     dtype: str = option("float32", "embedded: compute dtype")
     url: str = option("http://127.0.0.1:30000", "sglang, launch: false: server or router address", identity=False)
     concurrency: int = option(32, "sglang: requests in flight", identity=False)
@@ -59,6 +61,8 @@ class BackendConfig:
     def __post_init__(self):
         if self.kind not in ("embedded", "sglang"):
             raise ValueError(f"backend kind must be 'embedded' or 'sglang', got {self.kind!r}")
+        if self.radix_cache_bytes < 0:
+            raise ValueError(f"backend.radix_cache_bytes must be >= 0, got {self.radix_cache_bytes}")
         for name in ("servers", "tp", "dp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"backend.{name} must be >= 1, got {getattr(self, name)}")

@@ -34,7 +34,8 @@ class RolloutConfig:
 def make_backend(cfg: BackendConfig, model_path: str) -> GenerationBackend:
     if cfg.kind == "embedded":
         return EmbeddedEngine(EngineConfig(model_path, prefix_reuse=cfg.prefix_reuse,
-                                           max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype))
+                                           max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype,
+                                           radix_cache_bytes=cfg.radix_cache_bytes))
     # checks (and with swap_weights swaps) what every server serves before returning; with
     # launch=True the servers are started here and stopped by the backend's close()
     return open_backend(cfg, model_path)
