@@ -242,3 +242,40 @@ def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if main_grad is not None:
         return gh.to(hidden.dtype), None
     return gh.to(hidden.dtype), gw.to(weight.dtype)
+
+
+# ---- compile specs (dapo_kernels.compile_check): argument types of a launch, the autotune grid ----
+def _cfg_dicts(configs) -> list:
+    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+
+
+def _sig(dtype: str, names: dict) -> dict:
+    from dapo_kernels.compile_check import triton_type
+
+    t = triton_type(dtype)
+    return {k: (v.replace("IN", t) if isinstance(v, str) else v) for k, v in names.items()}
+
+
+def _consts(dtype: str) -> dict:
+    return {"ACC": tl.float32, "UPCAST": False, "PRECISION": "ieee" if dtype == "float32" else "tf32"}
+
+
+_FWD_SIG = {"h_ptr": "*IN", "w_ptr": "*IN", "y_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+            "tgt_ptr": "*fp32", "T": "i32", "V": "i32", "H": "i32", "vocab_start": "i32", "v_per_split": "i32",
+            "stride_h": "i32", "stride_w": "i32"}
+_BWD_SIG = {"h_ptr": "*IN", "w_ptr": "*IN", "y_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32", "gh_ptr": "*fp32",
+            "gw_ptr": "*fp32", "T": "i32", "V": "i32", "H": "i32", "vocab_start": "i32", "stride_h": "i32",
+            "stride_w": "i32"}
+
+
+def _compile_specs():
+    from dapo_kernels.compile_check import KernelSpec
+
+    grid = lambda dt: _cfg_dicts(AUTOTUNE_CONFIGS)  # noqa: E731
+    return [KernelSpec("target_logprob_fwd", _fwd_kernel, lambda dt: _sig(dt, _FWD_SIG), _consts, grid, grid,
+                       aligned=("H", "stride_h", "stride_w", "v_per_split")),
+            KernelSpec("target_logprob_bwd", _bwd_kernel, lambda dt: _sig(dt, _BWD_SIG), _consts, grid, grid,
+                       aligned=("H", "stride_h", "stride_w"))]
+
+
+COMPILE_SPECS = _compile_specs()
