@@ -20,41 +20,18 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "cpu_common.h"
 #include "fast_exp.h"
-
-// MKL (statically inside libtorch_cpu) could otherwise start its own threads inside each of
-// our workers (nested oversubscription). Weak symbol: simply absent in builds without MKL.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace dapo {
 namespace {
 
 using at::Tensor;
-
-// Single-threaded BLAS for the chunk GEMMs of one at::parallel_for task (restored on exit).
-struct SerialBlas {
-  int prev = 0;
-  SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-// Runs body(chunk) for chunk in [0, n_chunks) on all threads, handing chunks out dynamically
-// (an atomic counter): on a shared, noisy CPU a static split waits for the slowest thread.
-template <typename Init, typename Body>
-void for_each_chunk(int64_t n_chunks, const Init& init, const Body& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
-    SerialBlas serial;
-    auto state = init();
-    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(state, c);
-  });
-}
-
+using cpu::acc_type;
+using cpu::for_each_chunk;
+using cpu::tile;
+using cpu::u16;
+using cpu::u32;
 
 void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t block_t,
                   int64_t block_v) {
@@ -75,23 +52,12 @@ void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& targ
               "target_logprob: CPU kernels got a non-CPU tensor");
 }
 
-at::ScalarType acc_type(const Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // bf16 inputs take the AVX512-BF16 GEMM (csrc/bf16_gemm.h) when the CPU has it; H even so that
 // the K-pairs of a hidden/weight row are adjacent (odd H falls back to upcast + fp32 GEMMs).
 bool bf16_fast(const Tensor& hidden) {
   return hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && bf16::available();
 }
 
-const uint16_t* u16(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
-uint32_t* u32(Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
-
-// Row-major [rows, cols] tile view over the first rows*cols elements of a flat buffer.
-Tensor tile(const Tensor& flat, int64_t rows, int64_t cols) {
-  return flat.narrow(0, 0, rows * cols).view({rows, cols});
-}
 
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,

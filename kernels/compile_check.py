@@ -38,7 +38,7 @@ class KernelSpec:
     ``signature(dtype)``: ``{arg: triton type}`` of the non-constexpr args (``"*bf16"``, ``"i32"``, ...).
     ``constexprs(dtype)``: the constexpr args that depend on the dtype only (ACC, PRECISION, ...).
     ``grid(dtype)``: every autotune candidate, dicts of block constexprs plus ``num_warps``/``num_stages``.
-    ``selectable(dtype)``: the configs the GPU path can launch (the autotune list it really uses).
+    ``selectable(dtype, cc)``: the configs the GPU path can launch on that target (its autotune list).
     ``aligned``: int args that are multiples of 16 at the shapes we run (JIT ``tt.divisibility``).
     """
 
@@ -47,7 +47,7 @@ class KernelSpec:
     signature: Callable[[str], dict]
     constexprs: Callable[[str], dict]
     grid: Callable[[str], list]
-    selectable: Callable[[str], list]
+    selectable: Callable[[str, int], list]
     aligned: tuple = ()
     dtypes: tuple = DTYPES
 
@@ -155,9 +155,10 @@ def compile_one(spec: KernelSpec, dtype: str, cc: int, config: dict, selectable:
 
 def all_specs() -> list[KernelSpec]:
     """The compile specs of every kernel module of dapo_kernels."""
-    from dapo_kernels import dapo_loss, target_logprob
+    from dapo_kernels import dapo_loss, fused_dapo_loss, gemm, target_logprob
 
-    return [*target_logprob.COMPILE_SPECS, *dapo_loss.COMPILE_SPECS]
+    return [*target_logprob.COMPILE_SPECS, *gemm.COMPILE_SPECS, *fused_dapo_loss.COMPILE_SPECS,
+            *dapo_loss.COMPILE_SPECS]
 
 
 def variants(specs: Iterable[KernelSpec], full: bool, targets=TARGETS, dtypes=DTYPES):
@@ -166,22 +167,46 @@ def variants(specs: Iterable[KernelSpec], full: bool, targets=TARGETS, dtypes=DT
         for dtype in dtypes:
             if dtype not in spec.dtypes:
                 continue
-            sel = spec.selectable(dtype)
-            configs = spec.grid(dtype) if full else sel
             for cc in targets:
-                for cfg in configs:
+                sel = spec.selectable(dtype, cc)
+                for cfg in (spec.grid(dtype) if full else sel):
                     yield spec, dtype, cc, cfg, cfg in sel
 
 
-def run(full: bool = False, specs=None, targets=TARGETS, dtypes=DTYPES, progress: bool = False) -> list[Usage]:
-    out = []
+def _compile_named(name: str, dtype: str, cc: int, cfg: dict, sel: bool) -> Usage:
+    spec = next(s for s in all_specs() if s.name == name)
+    return compile_one(spec, dtype, cc, cfg, sel)
+
+
+def run(full: bool = False, specs=None, targets=TARGETS, dtypes=DTYPES, progress: bool = False,
+        workers: int | None = None) -> list[Usage]:
+    """Compile the variants (``full``: the whole grid, else the selectable configs) in ``workers``
+    processes (default: one per CPU); results in a stable order."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
     todo = list(variants(specs if specs is not None else all_specs(), full, targets, dtypes))
-    for i, (spec, dtype, cc, cfg, sel) in enumerate(todo):
-        out.append(compile_one(spec, dtype, cc, cfg, sel))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    out: list = [None] * len(todo)
+    done = 0
+
+    def report(i: int, u: Usage) -> None:
+        nonlocal done
+        out[i] = u
+        done += 1
         if progress:
-            u = out[-1]
-            print(f"[{i + 1}/{len(todo)}] {u.kernel} {u.dtype} sm_{u.cc} {u.config_str()}: "
+            print(f"[{done}/{len(todo)}] {u.kernel} {u.dtype} sm_{u.cc} {u.config_str()}: "
                   f"{u.error or f'{u.registers} regs, {u.spill_bytes} B spill'} ({u.compile_s:.1f} s)", flush=True)
+
+    if workers == 1:
+        for i, (spec, dtype, cc, cfg, sel) in enumerate(todo):
+            report(i, compile_one(spec, dtype, cc, cfg, sel))
+        return out
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(_compile_named, spec.name, dtype, cc, cfg, sel): i
+                for i, (spec, dtype, cc, cfg, sel) in enumerate(todo)}
+        for f in cf.as_completed(futs):
+            report(futs[f], f.result())
     return out
 
 

@@ -86,7 +86,7 @@ def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids:
 def _compile_specs():
     from dapo_kernels.compile_check import KernelSpec, triton_type
 
-    one = lambda dt: [{"BLOCK": BLOCK, "num_warps": 4, "num_stages": 3}]  # noqa: E731
+    one = lambda dt, cc=None: [{"BLOCK": BLOCK, "num_warps": 4, "num_stages": 3}]  # noqa: E731
     acc = lambda dt: {"ACC": tl.float32}  # noqa: E731
     return [
         KernelSpec("dapo_loss_segsum", _segsum_kernel,

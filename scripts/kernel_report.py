@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", action="append", help="only these kernels (name as in the table; repeatable)")
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--quiet", action="store_true", help="no per-compile progress lines")
+    ap.add_argument("--workers", type=int, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # triton >= 3.9 warns when unset; 1 = its default
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown kernel(s) {sorted(unknown)}; have {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in args.kernel]
     t0 = time.perf_counter()
-    usages = cc.run(full=not args.selectable, specs=specs, progress=not args.quiet)
+    usages = cc.run(full=not args.selectable, specs=specs, progress=not args.quiet, workers=args.workers)
     wall = time.perf_counter() - t0
     print()
     print(cc.table(usages))
