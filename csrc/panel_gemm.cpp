@@ -73,12 +73,17 @@ void pack(const uint16_t* src, int64_t ld_src, int64_t K, int64_t N, bool rows_a
 
 void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* Bp, float* C,
           int64_t ldc, bool accumulate) {
+  gemm_strided(M, N, K, A, lda, Bp, (K + 1) / 2 * NP, C, ldc, accumulate);
+}
+
+void gemm_strided(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                  int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   const int64_t KP = (K + 1) / 2;
   const Engine e = engine();
   for (int64_t p = 0; p * NP < N; ++p) {
     const int64_t nw = std::min(NP, N - p * NP);
-    const uint32_t* B = Bp + p * KP * NP;
+    const uint32_t* B = Bp + p * panel_stride;
     float* Cp = C + p * NP;
     if (K == 0) {
       if (!accumulate)

@@ -29,6 +29,11 @@ void pack(const uint16_t* src, int64_t ld_src, int64_t K, int64_t N, bool rows_a
 void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* Bp, float* C,
           int64_t ldc, bool accumulate);
 
+// As gemm, on a K-slice of a larger packed B: Bp points at the slice's first K-pair of panel 0 and
+// panel_stride is the word distance between panels (ceil(K_full / 2) * NP for a pack of K_full rows).
+void gemm_strided(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                  int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
+
 // Releases the AMX tile state of this thread (call at the end of a thread's GEMM work; no-op otherwise).
 void release();
 

@@ -308,8 +308,8 @@ def test_cpp_kernel_checks_its_inputs():
 @needs_cpp
 @pytest.mark.parametrize("engine", ["avx512", "none"])
 def test_bf16_gemm_engines_agree(engine, tmp_path):
-    """The bf16 path on the slower engines (AVX512-BF16 kernel, upcast + MKL) meets the same tolerances (the
-    engine is fixed at library load: a subprocess with DAPO_CPU_BF16_GEMM)."""
+    """The bf16 paths of both ops on the other engines (AVX512-BF16 kernel, upcast + MKL) meet the same
+    tolerances (the engine is fixed at library load: a subprocess with DAPO_CPU_BF16_GEMM)."""
     import os
     import subprocess
     import sys
@@ -317,7 +317,9 @@ def test_bf16_gemm_engines_agree(engine, tmp_path):
     code = ("import torch, sys; sys.path.insert(0, 'tests'); import test_ops_fused_dapo_loss as t; "
             "from dapo_mcore.ops import cpp_backend as cb; print(cb.bf16_gemm_engine()); "
             "t.test_matches_naive_chain('cpp', torch.bfloat16, 4 * 301 * 12); "
-            "t.test_matches_naive_chain('cpp', torch.bfloat16, None)")
+            "t.test_matches_naive_chain('cpp', torch.bfloat16, None); "
+            "import test_ops_target_logprob as u; u.test_float32_and_bf16_tolerances('cpp'); "
+            "u.test_cpp_threads_merge_partial_softmax_states()")
     env = dict(os.environ, DAPO_CPU_BF16_GEMM=engine, OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
