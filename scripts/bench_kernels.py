@@ -74,22 +74,8 @@ def _dtype(name: str):
 
 
 ACTION_TOKENS = 32   # tokens per action in the DAPO-loss rows
-CHUNK_TOKENS = 1024  # the chunked baseline's chunk (NeMo-RL's default logprob chunk size)
+CHUNK_TOKENS = 1024  # tokens per chunk of the chunked baseline
 BETA = 0.02
-
-
-def chunked_target_logprob(h, w, y, chunk: int = CHUNK_TOKENS):
-    """The token-chunked PyTorch method: per chunk ``logits = h_c @ W.T`` (input dtype), ``gather - logsumexp``
-    in fp32, under non-reentrant activation checkpointing (the backward recomputes the chunk's logits)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    def one(hc, yc):
-        logits = (hc @ w.t()).float()
-        return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-    return torch.cat([checkpoint(one, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-                      for i in range(0, h.shape[0], chunk)])
 
 
 def run_case(c: Case) -> dict:
@@ -97,7 +83,8 @@ def run_case(c: Case) -> dict:
     import torch
 
     from dapo_mcore.ops import fused_dapo_loss, fused_target_logprob
-    from dapo_mcore.ops.reference import dapo_loss_reference, naive_dapo_loss, naive_target_logprob
+    from dapo_mcore.ops.reference import (chunked_target_logprob, dapo_loss_reference, naive_dapo_loss,
+                                          naive_target_logprob)
 
     dev = torch.device(c.device)
     torch.manual_seed(0)
@@ -115,7 +102,7 @@ def run_case(c: Case) -> dict:
             return fused_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, normalizer=1.0).loss
         if c.variant == "loss_naive":
             return naive_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, 1.0)[0]
-        lp = chunked_target_logprob(hh, ww, yy)
+        lp = chunked_target_logprob(hh, ww, yy, CHUNK_TOKENS)
         return dapo_loss_reference(lp, ref_logp, seg, adv, BETA, 1.0)[0]
 
     fn = fused_target_logprob if c.variant == "fused" else naive_target_logprob

@@ -151,3 +151,19 @@ def naive_dapo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logp = naive_target_logprob(hidden, weight, t)
     loss, ratio = dapo_loss_reference(logp, ref_logp, segment_ids, advantages, beta, normalizer)
     return loss, ratio, logp
+
+
+def chunked_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           chunk: int = 1024) -> torch.Tensor:
+    """The token-chunked PyTorch method (what NeMo-RL and NeMo-Automodel ship; a baseline of the benchmarks):
+    per chunk of ``chunk`` tokens ``logits = h_c @ W.T`` (input dtype), ``gather - logsumexp`` in fp32, under
+    non-reentrant activation checkpointing, so the backward recomputes each chunk's logits (8·T·H·V FLOPs,
+    ``[chunk, V]`` memory). hidden [T, H], weight [V, H], targets int [T] (all valid) -> logp [T] fp32."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        logits = (hc @ weight.t()).to(acc_dtype(hidden.dtype))
+        return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    return torch.cat([checkpoint(one, hidden[i:i + chunk], targets[i:i + chunk].long(), use_reentrant=False)
+                      for i in range(0, hidden.shape[0], chunk)])
