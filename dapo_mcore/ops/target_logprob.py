@@ -16,8 +16,9 @@ its shape and the accumulation dtype, the backward ADDS grad_weight into ``weigh
 ``grad_added_to_main_grad`` (set by Megatron's DDP), that flag is set and autograd gets a dummy
 ``torch.empty`` gradient, exactly as Megatron does, so DDP's grad-accumulator hook still fires
 (required with ``overlap_grad_reduce``: it marks the bucket ready) and discards it without adding
-(its pages are never touched: no resident memory on CPU). Without that attribute the gradient is
-None (``param.grad`` stays unset).
+(its pages are never touched: no resident memory on CPU); with ``zero_out_wgrad`` (a weight tied to the
+embedding at PP=1) the dummy is zeros, since the embedding's own gradient is summed with it. Without that
+attribute the gradient is None (``param.grad`` stays unset).
 """
 from __future__ import annotations
 
