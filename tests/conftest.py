@@ -105,3 +105,30 @@ def run_stage_job(stage: str, cfg, *dirs: Path, nproc: int = 1) -> str:
     job = Path(f"{dirs[-1]}.job.json")
     write_job(job, STAGE[stage], cfg, [str(d) for d in dirs])
     return run_torchrun("dapo_mcore.cli", nproc, "_worker", job)
+
+
+def attach_megatron_ddp_hook(param, zero_out_wgrad: bool = False) -> list:
+    """Give ``param`` what megatron-core 0.16's DDP gives a parameter: ``grad_added_to_main_grad`` and its
+    grad-accumulator hook (``_make_backward_post_hook``, overlap_grad_reduce off), with ``zero_out_wgrad``
+    as ``LanguageModule`` sets it on a weight tied to the embedding at PP=1. ``param.main_grad`` must exist.
+    Returns a list that records, per hook call, whether a gradient reached it."""
+    param.grad_added_to_main_grad = False
+    if zero_out_wgrad:
+        param.zero_out_wgrad = True
+    calls: list = []
+
+    def hook(*_):
+        if param.grad is not None and (not param.grad_added_to_main_grad or getattr(param, "zero_out_wgrad", False)):
+            param.main_grad.add_(param.grad.data)
+        calls.append(param.grad is not None)
+        param.grad = None
+
+    grad_acc = param.expand_as(param).grad_fn.next_functions[0][0]
+    grad_acc.register_hook(hook)
+    param._dapo_test_grad_acc = grad_acc  # kept alive, as DDP does
+    return calls
+
+
+@pytest.fixture
+def megatron_ddp_hook():
+    return attach_megatron_ddp_hook

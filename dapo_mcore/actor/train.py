@@ -28,11 +28,11 @@ import torch.distributed as dist
 from dapo_mcore.config import option
 from dapo_mcore.data.shards import iter_records
 from dapo_mcore.models.convert import save_hf_checkpoint
-from dapo_mcore.ops import dapo_loss
+from dapo_mcore.ops import fused_dapo_loss
 from dapo_mcore.packing import dp_share
 from dapo_mcore.parallel.runtime import initialize_parallel
 from dapo_mcore.training.config import TrainingConfig
-from dapo_mcore.training.logprobs import ActionGroup, pack_action_groups, token_logp
+from dapo_mcore.training.logprobs import ActionGroup, output_inputs, pack_action_groups, token_logp
 from dapo_mcore.training.loop import load_chunks, make_trainer, pad_token_id, read_metrics, resume, run_loop, save_summary
 from dapo_mcore.training.trainer import make_loss_fn
 
@@ -59,7 +59,9 @@ class ActorConfig(TrainingConfig):
 
 
 def dapo_forward_step(beta: float, impl: Optional[str] = None):
-    """Training step factory: loss sum = ½ Σ_actions (A/β − Σ_tokens(logp − ref_logp))², count = #actions.
+    """Training step factory: loss sum = ½ Σ_actions (A/β − Σ_tokens(logp − ref_logp))², count = #actions,
+    through :func:`~dapo_mcore.ops.fused_dapo_loss` (logits once per token chunk, 6·T·H·V, grad_weight into
+    megatron's ``main_grad``; the per-token op + loss it replaces is its tested reference).
 
     Extra sums logged per action: ``abs_log_ratio``, ``kl_k3`` (estimate of KL(π_ref‖π_θ) on the
     reference's own actions: e^ρ − 1 − ρ), ``sign_agree`` (log-ratio moved with the sign of A; A = 0
@@ -68,17 +70,18 @@ def dapo_forward_step(beta: float, impl: Optional[str] = None):
     def step(model, batch):
         hidden = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], output="hidden")
 
-        def compute(h):
+        def compute(hs):
             n_act = len(batch["action_keys"])
-            lp = token_logp(model, h, batch, impl)
             if n_act == 0:
-                # A DP-padding micro-batch: zero loss, but through the fused op (T=0), so the output weight
+                # A DP-padding micro-batch: zero loss, but through the per-token op (T=0), so the output weight
                 # still receives a gradient and megatron DDP's grad-ready hook fires for it (with
                 # overlap_grad_reduce every param must report ready each step).
-                zero = h.sum() * 0.0 + lp.sum() * 0.0
+                zero = hs.sum() * 0.0 + token_logp(model, hs, batch, impl).sum() * 0.0
                 return zero, 0, {"abs_log_ratio": 0.0, "kl_k3": 0.0, "sign_agree": 0.0}
-            out = dapo_loss(lp, batch["ref_logp"].to(lp.dtype), batch["seg"], batch["advantages"].to(lp.dtype), beta,
-                            normalizer=1.0, impl=impl)
+            h, w, tp_group = output_inputs(model, hs, batch)
+            out = fused_dapo_loss(h, w, batch["tgt"], batch["ref_logp"].to(torch.float32), batch["seg"],
+                                  batch["advantages"].to(torch.float32), beta, normalizer=1.0, tp_group=tp_group,
+                                  impl=impl)
             rho, adv = out.log_ratio.double(), batch["advantages"].double()
             return out.loss, n_act, {"abs_log_ratio": rho.abs().sum(), "kl_k3": (torch.exp(rho) - 1 - rho).sum(),
                                      "sign_agree": (torch.sign(rho) == torch.sign(adv)).double().sum()}

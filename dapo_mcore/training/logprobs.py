@@ -83,15 +83,23 @@ def pack_action_groups(groups: Sequence[ActionGroup], token_budget: int, pad_id:
     return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
-def token_logp(model, hidden: torch.Tensor, batch: dict, impl: Optional[str] = None) -> torch.Tensor:
-    """log pi(tgt | prefix) ``[N]`` fp32 from the last-stage hidden states ``[1, L, H]`` via the fused op."""
+def output_inputs(model, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[object]]:
+    """``(h [N, H], w [V_local, H], tp_group)``: the hidden states of the packed action tokens (the rows
+    ``batch["src"]`` of the last-stage hidden states ``[1, L, H]``), the output weight (this rank's vocab
+    shard, in h's dtype: the parameter itself when the dtypes match, so megatron's ``main_grad`` fusion
+    applies) and the TP group (None at TP=1) — what the fused ops take."""
     from megatron.core import parallel_state as ps
 
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["src"])
     w = unwrap_model(model).output_weight()
     tp = ps.get_tensor_model_parallel_world_size()
-    return fused_target_logprob(h, w.to(h.dtype), batch["tgt"], ps.get_tensor_model_parallel_group() if tp > 1 else None,
-                                impl=impl)
+    return h, w.to(h.dtype), ps.get_tensor_model_parallel_group() if tp > 1 else None
+
+
+def token_logp(model, hidden: torch.Tensor, batch: dict, impl: Optional[str] = None) -> torch.Tensor:
+    """log pi(tgt | prefix) ``[N]`` fp32 from the last-stage hidden states ``[1, L, H]`` via the fused op."""
+    h, w, tp_group = output_inputs(model, hidden, batch)
+    return fused_target_logprob(h, w, batch["tgt"], tp_group, impl=impl)
 
 
 def logp_collect_step(model, batch: dict):
