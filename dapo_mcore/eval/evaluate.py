@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT
 from dapo_mcore.rollout.common import BackendConfig
 
 
@@ -27,7 +28,7 @@ class EvalConfig:
     limit: int = 0
     verifier: str = "exact"
     verify_timeout_s: float = 5.0
-    prompt_template: str = "{prompt}"
+    prompt_template: str = PROMPT_TEMPLATE_DEFAULT
     system_prompt: Optional[str] = None
     show_progress: bool = True
     backend: BackendConfig = field(default_factory=BackendConfig)

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dapo_mcore.data.problems import PromptTemplate, read_problems
+from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT, PromptTemplate, read_problems
 from dapo_mcore.data.shards import ShardedWriter, file_sha256
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
 from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, finish_stage, make_backend, run_sharded
@@ -32,7 +32,7 @@ class GenerateConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 256
-    prompt_template: str = "{prompt}"  # or "chat"
+    prompt_template: str = PROMPT_TEMPLATE_DEFAULT  # "auto" | "chat" | a format string with {prompt}
     system_prompt: str | None = None
     verifier: str = "exact"           # "exact" | "math"
     verify_timeout_s: float = 5.0
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--prompt-template", default="{prompt}", help="format string with {prompt}, or 'chat'")
+    ap.add_argument("--prompt-template", default=PROMPT_TEMPLATE_DEFAULT,
+                    help="'auto' (default: the tokenizer's chat template if it has one, else the problem text), "
+                         "'chat', or a format string with {prompt}")
     ap.add_argument("--verifier", choices=sorted(VERIFIERS), default="exact")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", type=int, default=64)
