@@ -44,7 +44,8 @@ def texts(tb, steps) -> list[str]:
 
 def test_the_merges_this_file_is_about(tok):
     """Newline tokens merged with neighbours are real tokens of this vocabulary and come out of encoding."""
-    assert pieces(tok, enc(tok, "end.\n\n\n\nNext")) == ["end", ".", "ĊĊĊĊ", "Next"]      # 4 newlines, one token
+    assert pieces(tok, enc(tok, "end.\n\n\n\n")) == ["end", ".", "ĊĊĊĊ"]                 # 4 newlines, one token
+    assert pieces(tok, enc(tok, "end.\n\n\n\nNext")) == ["end", ".", "ĊĊĊ", "Ċ", "Next"]
     assert pieces(tok, enc(tok, "a\n\n\nb")) == ["a", "ĊĊ", "Ċ", "b"]
     assert pieces(tok, enc(tok, "x = 3;\n    y")) == ["x", "Ġ=", "Ġ", "3", ";", "ĊĠĠĠ", "Ġy"]  # newline + indent
     assert pieces(tok, enc(tok, "ok \n  x")) == ["ok", "ĠĊ", "Ġ", "Ġx"]                  # space + newline
@@ -53,14 +54,13 @@ def test_the_merges_this_file_is_about(tok):
 
 
 def test_token_bytes_is_exact_on_the_whole_vocabulary(tok, tb):
-    """Every non-special token's bytes are what the tokenizer decodes it to; specials decode to nothing."""
-    special = set(tok.all_special_ids)
-    assert all(tb.table[i] == b"" for i in special) and {0, 1, 2} <= special
+    """Every token's bytes are what the tokenizer decodes it to without special tokens: the special added
+    tokens (the ChatML markers and SmolLM2's <repo_name>, <file_sep>, ... ids 0-16) decode to nothing."""
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert {0, 1, 2} <= special and all(tb.table[i] == b"" for i in special)
     bad = []
     for i in range(len(tok)):
-        if i in special:
-            continue
-        d = tok.decode([i])
+        d = tok.decode([i], skip_special_tokens=True)
         if "\ufffd" in d:       # a partial UTF-8 sequence: compare where it decodes
             continue
         if tb.table[i] != d.encode():
@@ -74,10 +74,11 @@ def test_token_bytes_is_exact_on_the_whole_vocabulary(tok, tb):
 @pytest.mark.parametrize("text,want", [
     ("First, 12 + 30 = 42.\nThen 42 * 2 = 84.\n\nSo the answer is 84.",
      ["First, 12 + 30 = 42.\n", "Then 42 * 2 = 84.\n\n", "So the answer is 84."]),       # "\n\n" as Ċ Ċ
-    ("end.\n\n\n\nNext step.\n", ["end.\n\n\n\n", "Next step.\n"]),                       # one ĊĊĊĊ token
+    ("end.\n\n\n\nNext step.\n", ["end.\n\n\n\n", "Next step.\n"]),                       # ĊĊĊ then Ċ
+    ("Done.\n\n\n\n", ["Done.\n\n\n\n"]),                                                # one ĊĊĊĊ token
     ("a\n\n\nb", ["a\n\n\n", "b"]),                                                      # ĊĊ then Ċ: one cut kept
     ("x = 3;\n    y = 4\nz", ["x = 3;\n   ", " y = 4\n", "z"]),                         # ĊĠĠĠ keeps 3 spaces
-    ("ok \n  x = 1\n", ["ok \n ", " x = 1\n"]),                                          # ĠĊ
+    ("ok \n  x = 1\n", ["ok \n", "  x = 1\n"]),                                          # ĠĊ
     ("\n\nStart here.\nDone.", ["\n\nStart here.\n", "Done."]),                         # leading empty steps
     ("Step 1: add\nStep 2: done<|im_end|>", ["Step 1: add\n", "Step 2: done"]),         # EOS stays in the last step
     ("Step 1.\nStep 2.\n<|im_end|>", ["Step 1.\n", "Step 2.\n"]),                       # a lone EOS is an empty step
