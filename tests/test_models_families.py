@@ -164,13 +164,11 @@ def test_sliding_window_is_exact_only_within_the_window(family_ckpt, tmp_path, t
 
 
 # ------------------------------------------------------------------------------- parity under torchrun
-LOGIT_LAYOUTS = {   # (tp, pp, ep): one mixed layout per family in the default suite, the rest slow
-    "qwen3": [(2, 2, 1)], "mistral": [(2, 1, 1)], "qwen3_moe": [(2, 1, 2)], "mixtral": [(1, 2, 2)],
-}
+LOGIT_LAYOUTS = {"qwen3": [(2, 2, 1)], "qwen3_moe": [(2, 1, 2)]}   # (tp, pp, ep); the default suite
 SLOW_LOGIT_LAYOUTS = {
-    "qwen3": [(1, 1, 1), (2, 1, 1), (1, 2, 1)], "mistral": [(1, 1, 1), (1, 2, 1), (2, 2, 1)],
+    "qwen3": [(1, 1, 1), (2, 1, 1), (1, 2, 1)], "mistral": [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1)],
     "qwen3_moe": [(1, 1, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1), (1, 2, 2)],
-    "mixtral": [(1, 1, 1), (1, 1, 2), (2, 1, 1), (2, 1, 2)],
+    "mixtral": [(1, 1, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)],
 }
 
 
@@ -192,8 +190,8 @@ def test_logits_match_transformers(family, tp, pp, ep, family_ckpt, torchrun, tm
     assert _rel(got["logits"], ref) <= LOGITS_RTOL
 
 
-ROUNDTRIP_LAYOUTS = {"qwen3": [(2, 2, 1)], "mistral": [(2, 2, 1)], "qwen3_moe": [(1, 2, 2)], "mixtral": [(2, 1, 2)]}
-SLOW_ROUNDTRIP_LAYOUTS = {"qwen3_moe": [(2, 2, 1), (2, 1, 2)], "mixtral": [(2, 2, 1), (1, 2, 2)]}
+ROUNDTRIP_LAYOUTS = {"qwen3": [(2, 2, 1)], "qwen3_moe": [(1, 2, 2)], "mixtral": [(2, 1, 2)]}
+SLOW_ROUNDTRIP_LAYOUTS = {"mistral": [(2, 2, 1)], "qwen3_moe": [(2, 2, 1), (2, 1, 2)], "mixtral": [(2, 2, 1), (1, 2, 2)]}
 
 
 @pytest.mark.dist
@@ -294,7 +292,7 @@ def test_train_step_matches_transformers(family, tp, pp, ep, family_ckpt, torchr
 
 @pytest.mark.dist
 @pytest.mark.parametrize("family,tp,pp,ep", [pytest.param("qwen3_moe", 2, 1, 2, id="qwen3_moe-tp2ep2"),
-                                             pytest.param("qwen3", 2, 2, 1, id="qwen3-tp2pp2")])
+                                             pytest.param("qwen3", 2, 2, 1, marks=pytest.mark.slow, id="qwen3-tp2pp2")])
 def test_param_counts_match_the_planner(family, tp, pp, ep, family_ckpt, torchrun, tmp_path):
     """The planner's per-rank count (q/k norms, router, E/ep experts sharded over expert-TP) equals the
     parameters megatron really builds on every rank."""
