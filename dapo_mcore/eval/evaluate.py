@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from dapo_mcore.config import option
-from dapo_mcore.data.problems import PromptTemplate, read_problems
+from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT, PromptTemplate, read_problems
 from dapo_mcore.data.shards import atomic_write_bytes, atomic_write_json, chunk
 from dapo_mcore.eval.stats import wilson_interval
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
@@ -32,7 +32,7 @@ class EvalConfig:
     limit: int = option(0, "first N problems of each set (0: all)")
     verifier: str = option("exact", "answer verifier: exact | math | code")
     verify_timeout_s: float = option(5.0, "verifier time limit per answer")
-    prompt_template: str = option("{prompt}", "format string with {prompt}, or 'chat'")
+    prompt_template: str = option(PROMPT_TEMPLATE_DEFAULT, "auto (the tokenizer's chat template if it has one, else the problem text) | chat | a format string with {prompt}")
     system_prompt: Optional[str] = option(None, "system message of the 'chat' template")
     show_progress: bool = option(True, "progress bar", identity=False)
     backend: BackendConfig = option(factory=BackendConfig, doc="generation backend")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from dapo_mcore.config import identity, option
-from dapo_mcore.data.problems import PromptTemplate, read_problems
+from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT, PromptTemplate, read_problems
 from dapo_mcore.data.shards import ShardedWriter, file_sha256
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
 from dapo_mcore.rollout.common import RolloutConfig, RolloutMeter, finish_stage, make_backend, run_sharded
@@ -31,7 +31,8 @@ class GenerateConfig(RolloutConfig):
                              identity=False)
     num_samples: int = option(8, "K: samples per problem")
     keep: int = option(4, "M: samples kept per problem, correct and wrong as balanced as possible")
-    prompt_template: str = option("{prompt}", "format string with {prompt}, or 'chat' (the tokenizer's chat template)")
+    prompt_template: str = option(PROMPT_TEMPLATE_DEFAULT, "auto (the tokenizer's chat template if it has one, "
+                                  "else the problem text) | chat | a format string with {prompt}")
     system_prompt: Optional[str] = option(None, "system message of the 'chat' template")
     shard_size: int = option(64, "problems per output shard (the unit of resume)")
     batch_requests: int = option(16, "problems sent to the backend at once", identity=False)

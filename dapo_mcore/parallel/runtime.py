@@ -35,6 +35,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = option(None, "virtual pipeline chunks per PP rank",
                                                                  flag="--vpp")
     context_parallel_size: int = option(1, "context-parallel size (CP; Transformer Engine attention)")
+    expert_model_parallel_size: int = option(1, "expert-parallel size (EP; MoE models: experts split over EP "
+                                             "ranks, inside DP x CP)", flag="--ep")
     sequence_parallel: bool = option(False, "megatron sequence parallelism (GPU, TP > 1)",
                                      flag="--sequence-parallel")
     seed: int = option(1234, "megatron's model-parallel RNG seed")
@@ -58,6 +60,12 @@ class ParallelConfig:
         if world_size % (tp * pp * cp) != 0:
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
+        ep = self.expert_model_parallel_size
+        if not isinstance(ep, int) or ep < 1:
+            raise ParallelConfigError(f"expert_model_parallel_size must be a positive integer, got {ep!r}")
+        if (world_size // pp) % (ep * tp) != 0:
+            raise ParallelConfigError(f"expert parallel size {ep} x TP {tp} does not divide the {world_size // pp} "
+                                      f"ranks of a pipeline stage (world {world_size} / PP {pp})")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and (vpp < 1 or pp < 2):
             raise ParallelConfigError(
@@ -119,6 +127,7 @@ def initialize_parallel(cfg: ParallelConfig) -> None:
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
         distributed_timeout_minutes=cfg.timeout_minutes,
     )
     if cuda:

@@ -153,7 +153,8 @@ def load_chunks(path: str, parallel, *, value_head: bool = False, value_head_see
     paths = p.paths()
     chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
                                                          pp=p.pipeline_model_parallel_size,
-                                                         vpp=p.virtual_pipeline_model_parallel_size, paths=paths),
+                                                         vpp=p.virtual_pipeline_model_parallel_size, paths=paths,
+                                                         ep=p.expert_model_parallel_size),
                                 value_head=value_head, value_head_seed=value_head_seed, paths=paths)
     if paths.bf16:
         # Every param in bf16, as megatron-lm's Float16Module does (module.bfloat16()): the local spec's torch
