@@ -32,7 +32,7 @@ from dapo_mcore.rollout.fleet import (Fleet, ModelMismatch, _group_members, chec
 from dapo_mcore.generate.stage import GenerateConfig, run_generate
 from dapo_mcore.mc.stage import MCConfig, run_mc
 from dapo_mcore.rollout.sglang_client import SGLangError
-from dapo_mcore.rollout.toy import build_toy_completer, write_chain_problems
+from dapo_mcore.tasks.toy import build_toy_completer, write_chain_problems
 from dapo_mcore.tasks.chain import make_problems
 
 torch.set_num_threads(1)
