@@ -108,7 +108,7 @@ def test_cluster_flags_and_environment():
 def _fake_torchrun(monkeypatch, joined: threading.Event, calls: list, rc: int = 0):
     """subprocess.run of the launcher, recorded: the head's torchrun (node rank 0) returns once a follower
     joined (as a real static rendezvous does)."""
-    def run(cmd, env=None):
+    def run(cmd, **kw):
         calls.append(cmd)
         if cmd[cmd.index("--node-rank") + 1] == "0":
             assert joined.wait(20), "no follower joined"

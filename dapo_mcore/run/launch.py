@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -153,14 +154,31 @@ def first_error(log_dir: Path) -> Optional[dict]:
     return min(errs, key=lambda e: (e.get("time", 0.0), e.get("rank", 0))) if errs else None
 
 
+def _torchrun_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: be sent SIGTERM when the launcher dies (Linux), so that a killed launcher does
+    not leave its job running (torchrun then stops its workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))     # PR_SET_PDEATHSIG
+
+
+def _torchrun(cmd: list[str]) -> int:
+    return subprocess.run(cmd, env=_torchrun_env(), preexec_fn=_die_with_parent).returncode
+
+
 def run_torchrun(cmd: list[str], log_dir: Path, what: str, log: Callable[[str], None] = print) -> None:
     """Run a torchrun command whose ranks record their exceptions in ``log_dir``; raise :class:`StageFailed`
     naming ``what``, the first failing rank and its exception if it fails."""
     log(f"  launching: {' '.join(cmd)}")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rc = subprocess.run(cmd, env=env).returncode
+    rc = _torchrun(cmd)
     if rc == 0:
         return
     err = first_error(log_dir)
@@ -303,10 +321,7 @@ def follow(cluster: Cluster, out: str | Path, log: Callable[[str], None] = print
                 done.add((st["session"], job["seq"]))
                 cmd = torchrun_command(job["nproc"], Path(job["job"]), cluster, job["port"])
                 log(f"[node {cluster.node_rank}] joining {Path(job['job']).name}: {' '.join(cmd)}")
-                env = {**os.environ}
-                env.setdefault("OMP_NUM_THREADS", "1")
-                env.setdefault("TOKENIZERS_PARALLELISM", "false")
-                rc = subprocess.run(cmd, env=env).returncode
+                rc = _torchrun(cmd)
                 if rc:
                     log(f"[node {cluster.node_rank}] torchrun exited {rc}; the head reports the cause")
                 continue
