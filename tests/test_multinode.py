@@ -3,10 +3,10 @@
 Node 0 runs the stage graph; every Megatron stage (critic, advantage, actor) runs as one torchrun job across
 both nodes (DP=2). A two-iteration run whose head is SIGKILLed (with its torchrun agent and rank, as when a node dies)
 in the middle of iteration 0's critic training, then resumed, equals the uninterrupted run: the same stage
-digests, bit-identical final actor tensors, the same eval figures.
+digests, bit-identical critic (the interrupted unit) and final actor tensors, the same eval figures.
 
-Slow tier (``scripts/test.sh --slow``): 15 to 30 minutes on 2 cores shared with other work (measured 905 s and
-1783 s: two whole two-iteration runs plus the resume, 12 torchrun jobs of two processes)."""
+Slow tier (``scripts/test.sh --slow``): 15 to 30 minutes on 2 cores shared with other work (1783 s measured on a
+busy machine, ~900 s on a less loaded one: two whole two-iteration runs plus the resume, 12 torchrun jobs)."""
 from __future__ import annotations
 
 import json
