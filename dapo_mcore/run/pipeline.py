@@ -31,8 +31,9 @@ from dapo_mcore.eval.table import comparison_markdown, write_comparison
 from dapo_mcore.parallel.runtime import process_group_scope
 from dapo_mcore.run import stamps
 from dapo_mcore.run.checks import check_outputs
-from dapo_mcore.run.launch import inside_torchrun, is_writer, launch
+from dapo_mcore.run.launch import Head, inside_torchrun, is_writer, launch
 from dapo_mcore.run.layout import STAMP, PipelineError, RunLayout, finished, read_stamp
+from dapo_mcore.run.preflight import preflight
 from dapo_mcore.run.report import write_report
 from dapo_mcore.run.schema import RunConfig, dump_config
 from dapo_mcore.run.stages import EVAL, NEXT_REFERENCE, STAGE, STAGES, Stage
@@ -72,8 +73,9 @@ class Pipeline:
     """One run directory. ``prepare()`` resolves inputs (building the toy task when configured) and saves the
     resolved config; ``run()`` runs every configured unit of every iteration."""
 
-    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print, head: Optional[Head] = None):
         self.cfg = cfg
+        self.head = head         # the multi-node session when this is node 0 of several (run/launch.py)
         self.layout = RunLayout(Path(cfg.run.out_dir))
         self.out = self.layout.out
         self.log = log
@@ -85,8 +87,9 @@ class Pipeline:
         self._prepared = False
 
     # -- set-up --------------------------------------------------------------------------------
-    def prepare(self, echo: bool = True) -> None:
-        """Create the run directory, build the toy task if configured, print and save the config."""
+    def prepare(self, echo: bool = True, units: Optional[list[Stage]] = None, iteration: Optional[int] = None) -> None:
+        """Create the run directory, build the toy task if configured, print and save the config, and check
+        everything before compute (run/preflight.py): the whole run, or ``units`` of ``iteration``."""
         if self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
             text = dump_config(self.cfg)
@@ -95,11 +98,10 @@ class Pipeline:
                 self.log(f"resolved config (saved to {self.layout.config}):\n{text}")
         if self.cfg.toy is not None:
             self._build_toy()
-        for name, path in [("data.train", self.train_set)] + [(f"data.eval.{k}", v) for k, v in self.eval_sets.items()]:
-            if path and not Path(path).is_file():
-                raise PipelineError(f"{name}: {path}: no such problem-set file")
-        if not Path(self.policy0).is_dir():
-            raise PipelineError(f"model.policy: {self.policy0}: no such checkpoint directory")
+        preflight(self.cfg, self.units() if units is None else units, policy=self.policy0, train_set=self.train_set,
+                  eval_sets=self.eval_sets, cluster=self.head.cluster if self.head else None,
+                  served=None if iteration is None else self.policy(iteration),
+                  iterations=self.cfg.run.iterations if iteration is None else 1)
         self._prepared = True
 
     def _build_toy(self) -> None:
@@ -131,16 +133,6 @@ class Pipeline:
         """The units of one iteration, in table order: the chosen stages and the chosen controls' units."""
         r = self.cfg.run
         return [s for s in STAGES if (s.control is None and s.name in r.stages) or s.control in r.controls]
-
-    def nproc(self, cfg: Any) -> int:
-        par = getattr(cfg, "parallel", None)
-        mp = 1
-        if par is not None:
-            mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
-        n = max(self.cfg.run.nproc, mp)
-        if n % mp:
-            raise PipelineError(f"run.nproc={self.cfg.run.nproc} is not a multiple of the model-parallel size {mp}")
-        return n
 
     def plan(self, k: int, stage: Stage) -> tuple[Any, list[str], dict]:
         """``(filled config, positional input dirs + out dir, input identity)`` of a unit in iteration ``k``."""
@@ -188,8 +180,7 @@ class Pipeline:
         self.log(f"[iter {k}] {name}: running -> {path}")
         t0 = time.perf_counter()
         try:
-            res = launch(stage, cfg, args, self.layout.job(path), 1 if inside_torchrun() else self.nproc(cfg),
-                         self.log)
+            res = launch(stage, cfg, args, self.layout.job(path), self.cfg.run.nproc, self.log, self.head)
         except ValueError as e:   # the stages raise ValueError for bad settings / unusable data
             raise PipelineError(f"stage {name} (iteration {k}) failed: {e}") from None
         if isinstance(res, dict) and res.get("partial"):
