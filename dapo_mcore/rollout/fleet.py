@@ -298,6 +298,12 @@ def _log(msg: str) -> None:
     print(f"[sglang fleet] {msg}", file=sys.stderr, flush=True)
 
 
+# the BackendConfig fields that make a fleet (the others are client settings of one stage): two stages whose
+# backends agree on these can share one fleet (Fleet.serves_config)
+FLEET_FIELDS = ("launch", "servers", "tp", "dp", "host", "port", "device", "mem_fraction_static", "server_args",
+                "python", "router_path", "stop_grace_s", "log_dir")
+
+
 class Fleet:
     """The SGLang servers of ``cfg`` (``kind: sglang``): launched here (``cfg.launch``; see
     :meth:`start`) or external at ``cfg.url``. ``log_dir``: server and router logs (default
@@ -335,6 +341,12 @@ class Fleet:
     @property
     def launched(self) -> bool:
         return bool(self.servers)
+
+    def serves_config(self, cfg: BackendConfig) -> bool:
+        """Whether a stage with backend ``cfg`` can use this fleet: same :data:`FLEET_FIELDS` (and, for an
+        external fleet, the same ``url``)."""
+        same = cfg.kind == "sglang" and all(getattr(cfg, f) == getattr(self.cfg, f) for f in FLEET_FIELDS)
+        return same and (cfg.launch or cfg.url.rstrip("/") == self.cfg.url.rstrip("/"))
 
     def worker_urls(self) -> list[str]:
         """Every server behind :attr:`url` (a router's workers, from its ``GET /workers``)."""
@@ -725,6 +737,6 @@ def serving(cfg: BackendConfig, model_path: str | os.PathLike, fleet: Fleet | No
         backend.close()
 
 
-__all__ = ["CPU_SERVER_ARGS", "Fleet", "FleetBackend", "FleetError", "ModelMismatch", "ServedModel",
+__all__ = ["CPU_SERVER_ARGS", "FLEET_FIELDS", "Fleet", "FleetBackend", "FleetError", "ModelMismatch", "ServedModel",
            "ServedModelChanged", "SGLangError", "checkpoint_version", "open_backend", "router_command",
            "same_model", "server_command", "serving"]
