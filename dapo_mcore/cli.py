@@ -143,17 +143,20 @@ def _graph(a, cfg, head) -> int:
     if a.iteration < 0 or a.iteration >= pipe.cfg.run.iterations:
         raise PipelineError(f"--iteration {a.iteration}: the config has run.iterations={pipe.cfg.run.iterations}")
     pipe.prepare(echo=stage.output != EVAL, units=[stage], iteration=a.iteration)
-    with process_group_scope():
-        if getattr(a, "model", None):
-            models = {}
-            for m in a.model:
-                label, eq, path = m.partition("=")
-                if not eq or not label or not path:
-                    raise _UserError(f"--model {m!r}: expected LABEL=PATH")
-                models[label] = path
-            pipe.run_eval(a.iteration, force=a.force, models=models, out=pipe.out / "eval_custom")
-        else:
-            pipe.run_unit(a.iteration, stage.name, force=a.force)
+    try:
+        with process_group_scope():
+            if getattr(a, "model", None):
+                models = {}
+                for m in a.model:
+                    label, eq, path = m.partition("=")
+                    if not eq or not label or not path:
+                        raise _UserError(f"--model {m!r}: expected LABEL=PATH")
+                    models[label] = path
+                pipe.run_eval(a.iteration, force=a.force, models=models, out=pipe.out / "eval_custom")
+            else:
+                pipe.run_unit(a.iteration, stage.name, force=a.force)
+    finally:
+        pipe.stop_fleet("the stage command ended")    # a fleet this command launched (backend.launch)
     return 0
 
 

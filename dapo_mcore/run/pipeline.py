@@ -13,6 +13,18 @@ Every unit is stamped (:mod:`dapo_mcore.run.stamps`). On re-run a unit is
 
 Iteration k+1 uses iteration k's actor ``hf/`` as reference, generator and completer. Distributed units run
 in this process when they need one process, else as a torchrun job (:mod:`dapo_mcore.run.launch`).
+
+The SGLang fleet: a ``rollout`` unit (the stage table's field: generate, mc, rft-generate, eval) whose
+``backend.kind`` is ``sglang`` samples from a fleet the pipeline holds across units
+(:mod:`dapo_mcore.rollout.fleet`). ``backend.launch: true``: the pipeline starts the servers for the unit's model
+(logs in ``<out>/sglang/``) and stops them, waiting until their processes are gone, before any distributed
+unit runs (the GPUs are shared: never both at once) and at the end of the run; a later rollout unit whose
+model differs (iteration k+1's generator is iteration k's actor; eval's checkpoints) gets it swapped in
+(``swap_weights: true``: ``/update_weights_from_disk`` + ``/flush_cache``) or the fleet relaunched. ``launch:
+false``: the external fleet at ``url`` must serve the unit's model, else it is swapped (``swap_weights``) or the
+unit stops before any request with an error naming both models. Each such unit's ``stage.json`` records
+``served_model`` (``model_path``, ``weight_version``); a unit whose servers changed model mid-stage is not
+marked finished.
 """
 from __future__ import annotations
 
@@ -29,6 +41,8 @@ from dapo_mcore.data.shards import atomic_write_json, file_sha256
 from dapo_mcore.eval.evaluate import load_results
 from dapo_mcore.eval.table import comparison_markdown, write_comparison
 from dapo_mcore.parallel.runtime import process_group_scope
+from dapo_mcore.rollout.backend_config import BackendConfig
+from dapo_mcore.rollout.fleet import Fleet, FleetError, SGLangError, same_model, serving
 from dapo_mcore.run import stamps
 from dapo_mcore.run.checks import check_outputs
 from dapo_mcore.run.launch import Head, inside_torchrun, is_writer, launch
@@ -85,6 +99,7 @@ class Pipeline:
         self.train_set = cfg.data.train
         self.eval_sets = dict(cfg.data.eval)
         self._prepared = False
+        self.fleet: Optional[Fleet] = None     # the SGLang fleet of the rollout units (module doc)
 
     # -- set-up --------------------------------------------------------------------------------
     def prepare(self, echo: bool = True, units: Optional[list[Stage]] = None, iteration: Optional[int] = None) -> None:
@@ -180,7 +195,12 @@ class Pipeline:
         self.log(f"[iter {k}] {name}: running -> {path}")
         t0 = time.perf_counter()
         try:
-            res = launch(stage, cfg, args, self.layout.job(path), self.cfg.run.nproc, self.log, self.head)
+            if self._on_fleet(stage, cfg):
+                res = self._run_on_fleet(stage, k, cfg, cfg.model_path, args, path)
+            else:
+                if stage.distributed:
+                    self.stop_fleet(f"before {name} (distributed)")
+                res = launch(stage, cfg, args, self.layout.job(path), self.cfg.run.nproc, self.log, self.head)
         except ValueError as e:   # the stages raise ValueError for bad settings / unusable data
             raise PipelineError(f"stage {name} (iteration {k}) failed: {e}") from None
         if isinstance(res, dict) and res.get("partial"):
@@ -211,9 +231,6 @@ class Pipeline:
                                    **{name: fill.value(p) for name, fill in stage.fills.items()})
         models = models or self.eval_models(k)
         out = out or self.layout.unit(k, stage.name)
-        if ecfg.backend.kind == "sglang" and len(models) > 1:
-            raise PipelineError("eval.backend.kind=sglang serves one model per server; the pipeline compares "
-                                f"{len(models)} checkpoints: use the embedded backend or `dapo-mcore eval --model`")
         sets_id = {n: file_sha256(path) for n, path in self.eval_sets.items()}
         results, total, ran = {}, 0.0, False
         for label, path in models.items():
@@ -227,7 +244,11 @@ class Pipeline:
             else:
                 self.log(f"[iter {k}] eval {label}: {path}")
                 t0 = time.perf_counter()
-                stage.run(ecfg, path, self.eval_sets, sub)
+                args = [path, self.eval_sets, str(sub)]
+                if self._on_fleet(stage, ecfg):   # one model after another on the fleet: swapped or relaunched
+                    self._run_on_fleet(stage, k, ecfg, path, args, sub, f"eval {label}")
+                else:
+                    stage.run(ecfg, *args)
                 check_outputs(EVAL, sub)
                 sec = time.perf_counter() - t0
                 stamps.finish(sub, sec)
@@ -237,6 +258,57 @@ class Pipeline:
         self.log(comparison_markdown(json.loads((out / "comparison.json").read_text())))
         return self._record(StageResult(k, stage.name, "ran" if ran else "skipped", total))
 
+    # -- the SGLang fleet ------------------------------------------------------------------------
+    def _on_fleet(self, stage: Stage, cfg: Any) -> bool:
+        """Whether the unit samples from the pipeline's SGLang fleet (a rollout unit with ``kind: sglang``)."""
+        return stage.rollout and cfg.backend.kind == "sglang" and not inside_torchrun()
+
+    def serve(self, bcfg: BackendConfig, model: str, why: str) -> Fleet:
+        """The fleet a unit with backend ``bcfg`` samples ``model`` from: the one held if it fits (same fleet
+        settings; launched: it serves ``model`` already, or ``swap_weights`` will swap it in), else a new one
+        (launched for ``model``, or the external one at ``url``)."""
+        f = self.fleet
+        if f is not None and not f.serves_config(bcfg):
+            self.stop_fleet(f"{why} uses other fleet settings")
+        elif f is not None and f.launched and not bcfg.swap_weights and not same_model(f.model_path, model):
+            self.stop_fleet(f"{why} needs {model} (it serves {f.model_path}; swap_weights is off: relaunching)")
+        if self.fleet is None:
+            f = Fleet(bcfg, log_dir=bcfg.log_dir or self.layout.fleet_logs)
+            if bcfg.launch:
+                self.log(f"  sglang: launching {bcfg.servers} server(s) for {model} ({why}); logs in {f.log_dir}")
+                f.start(model)
+            self.fleet = f
+        elif self.fleet.launched and not same_model(self.fleet.model_path, model):
+            self.log(f"  sglang: swapping the fleet's weights {self.fleet.model_path} -> {model} ({why})")
+        return self.fleet
+
+    def stop_fleet(self, why: str = "") -> None:
+        """Stop the fleet the pipeline launched (returns once its processes are gone); forget an external one."""
+        f, self.fleet = self.fleet, None
+        if f is not None:
+            if f.launched:
+                self.log(f"  sglang: stopping the fleet" + (f" ({why})" if why else ""))
+            f.close()
+
+    def _run_on_fleet(self, stage: Stage, k: int, cfg: Any, model: str, args: list, path: Path,
+                      what: str = "") -> Any:
+        """Run a rollout unit on the fleet serving ``model``; its stamp records ``served_model``."""
+        what = what or stage.name
+        where = f"stage {what} (iteration {k})"
+        try:
+            fleet = self.serve(cfg.backend, model, f"{what}, iteration {k}")
+            with serving(cfg.backend, model, fleet=fleet) as backend:
+                served = backend.served_model.as_dict()
+                self.log(f"  sglang: {what} samples from {served['model_path']} (weight_version "
+                         f"{served['weight_version']}) at {fleet.url}")
+                if self.writer:
+                    stamps.record(path, served_model=served)
+                return stage.run(cfg, *args, backend=backend)
+        except FleetError as e:      # ModelMismatch included: raised before any request
+            raise PipelineError(f"{where}: {e}") from None
+        except SGLangError as e:     # ServedModelChanged included: the unit is not marked finished
+            raise PipelineError(f"{where} failed on SGLang (not marked finished; a re-run resumes it): {e}") from None
+
     def _record(self, r: StageResult) -> StageResult:
         self.results.append(r)
         if self.writer:
@@ -245,21 +317,28 @@ class Pipeline:
             atomic_write_json(self.layout.timings, old)
         return r
 
-    def run(self, iterations: Optional[int] = None, report: bool = True) -> list[StageResult]:
-        """Run every unit of every iteration (skipping finished ones), then write the report."""
+    def run(self, iterations: Optional[int] = None, report: bool = True,
+            after_unit: Optional[Callable[[int, str], None]] = None) -> list[StageResult]:
+        """Run every unit of every iteration (skipping finished ones), then stop the SGLang fleet and write the
+        report. ``after_unit(k, name)`` is called after each unit (the fleet, :attr:`fleet`, still up)."""
         if inside_torchrun():
             raise PipelineError("`dapo-mcore run` launches its own torchrun jobs: start it in one process (a torchrun "
                                 "job runs one distributed stage: `dapo-mcore train-critic CONFIG`, ...)")
         if not self._prepared:
             self.prepare()
         n_iter = iterations or self.cfg.run.iterations
-        with process_group_scope():      # the group an in-process distributed stage leaves behind
-            for k in range(n_iter):
-                for stage in self.units():
-                    self.run_unit(k, stage.name)
-                if k + 1 < n_iter and not finished(self.layout.unit(k, NEXT_REFERENCE)):
-                    raise PipelineError(f"iteration {k + 1} needs iteration {k}'s {NEXT_REFERENCE}, which was not "
-                                        "trained")
+        try:
+            with process_group_scope():      # the group an in-process distributed stage leaves behind
+                for k in range(n_iter):
+                    for stage in self.units():
+                        self.run_unit(k, stage.name)
+                        if after_unit is not None:
+                            after_unit(k, stage.name)
+                    if k + 1 < n_iter and not finished(self.layout.unit(k, NEXT_REFERENCE)):
+                        raise PipelineError(f"iteration {k + 1} needs iteration {k}'s {NEXT_REFERENCE}, which was "
+                                            "not trained")
+        finally:
+            self.stop_fleet("the run ended")
         if report:
             self.log(f"report: {write_report(self.out)}")
         return self.results
