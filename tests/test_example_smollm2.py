@@ -70,11 +70,13 @@ def test_solution_format():
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_pipeline_runs_on_the_real_model_at_a_tiny_size(tmp_path, smollm2):
-    """generate -> mc -> critic -> advantage -> actor -> eval with both controls, 4 problems, on SmolLM2."""
+    """generate -> mc -> critic -> advantage -> actor -> eval with both controls, 4 problems, on SmolLM2 (the gap
+    filter off so that a state is kept at this size; ~20 min on 2 loaded cores)."""
     setup = prepare(tmp_path / "setup", SumsSetup(train_problems=4, eval_problems=8), import_missing=False)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dapo_mcore.cli", "run", str(CONFIG), *_fills(setup, out, str(smollm2)),
-           "generate.num_samples=2", "mc.num_completions=2", "critic.epochs=1", "actor.epochs=1", "rft.epochs=1",
+           "generate.num_samples=2", "mc.num_completions=4", "advantage.gap_threshold=0.0", "critic.epochs=1",
+           "actor.epochs=1", "rft.epochs=1",
            "generate.show_progress=false", "mc.show_progress=false", "eval.show_progress=false"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
