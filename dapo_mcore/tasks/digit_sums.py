@@ -62,7 +62,7 @@ class SumProblem:
 class SumsSetup:
     seed: int = 0
     terms: int = 3
-    train_problems: int = 64
+    train_problems: int = 32
     eval_problems: int = 128
     model: str = "smollm2-135m-instruct"
 
