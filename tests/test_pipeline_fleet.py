@@ -23,6 +23,7 @@ from dapo_mcore.rollout.fleet import Fleet, _group_members, checkpoint_version
 from dapo_mcore.run import pipeline as pipeline_mod
 from dapo_mcore.run.layout import PipelineError, read_stamp
 from dapo_mcore.run.pipeline import Pipeline
+from dapo_mcore.run.preflight import PreflightError
 from dapo_mcore.run.schema import load_run_config
 from dapo_mcore.run.stages import STAGE
 from dapo_mcore.tasks.toy import build_toy_completer, write_chain_problems
@@ -33,11 +34,15 @@ SMOKE = Path(__file__).resolve().parent.parent / "examples" / "configs" / "smoke
 ROLLOUT_SECTIONS = ("generate", "mc", "eval")
 
 
+# The preflight asks SGLang's python to `-c "import sglang, sgl_kernel"`: the stand-in says yes.
+PREFLIGHT_OK = 'if [ "$1" = "-c" ]; then exit 0; fi\n'
+
+
 @pytest.fixture(scope="module")
 def fake_python(tmp_path_factory) -> str:
     """An executable standing where SGLang's python would: the fake server, answering with the engine."""
     p = tmp_path_factory.mktemp("fake_sglang") / "python"
-    p.write_text(f"#!/bin/sh\nFAKE_SGLANG_ENGINE=1 exec {sys.executable} {FAKE} \"$@\"\n")
+    p.write_text(f"#!/bin/sh\n{PREFLIGHT_OK}FAKE_SGLANG_ENGINE=1 exec {sys.executable} {FAKE} \"$@\"\n")
     p.chmod(0o755)
     return str(p)
 
@@ -46,7 +51,7 @@ def fake_python(tmp_path_factory) -> str:
 def plain_python(tmp_path_factory) -> str:
     """The same without the engine (no torch import: starts in a second) where no stage decodes samples."""
     p = tmp_path_factory.mktemp("plain_sglang") / "python"
-    p.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    p.write_text(f"#!/bin/sh\n{PREFLIGHT_OK}exec {sys.executable} {FAKE} \"$@\"\n")
     p.chmod(0o755)
     return str(p)
 
@@ -170,6 +175,14 @@ def test_relaunch_without_swap_and_external_mismatch_refused(fake_python, plain_
     ext = Fleet(dataclasses.replace(bcfg, python=fake_python)).start(str(other))
     try:
         pipe = Pipeline(_config(run, fake_python, toy, "run.iterations=1", *_external(ext)), log=lambda s: None)
+        with pytest.raises(PreflightError, match=f"(?s)generate.backend: .*model is {policy}.*serves {other}"):
+            pipe.run_unit(0, "generate")                           # the preflight sees it before any compute
+        assert httpx.get(f"{ext.url}/get_server_info").json()["generates"] == 0
+        # the fleet changes model after the preflight: the unit itself refuses before its first request
+        ext.ensure_serving(policy, swap_weights=True)
+        pipe = Pipeline(_config(run, fake_python, toy, "run.iterations=1", *_external(ext)), log=lambda s: None)
+        pipe.prepare(echo=False)
+        ext.ensure_serving(str(other), swap_weights=True)
         with pytest.raises(PipelineError, match=f"(?s)stage generate .*model is {policy}.*serves {other}"):
             pipe.run_unit(0, "generate")
         assert httpx.get(f"{ext.url}/get_server_info").json()["generates"] == 0
