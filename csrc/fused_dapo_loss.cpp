@@ -1,25 +1,27 @@
 // CPU kernels of the fused DAPO-loss op (dapo_mcore::fused_loss_logits / fused_loss_grads), one token
 // chunk of whole actions at a time (dapo_mcore/ops/fused_dapo_loss.py drives the chunks, the TP
-// all-reduces and the loss arithmetic between the two calls):
+// all-reduces and the loss arithmetic between the two calls). The logits GEMM runs once: 3 GEMMs of
+// 2*T*H*V in all (6*T*H*V), no recompute.
 //
-//   fused_loss_logits: z^T = W_blk @ h^T for every vocab block (threads take blocks dynamically), kept in
-//     the caller's buffer z ([n_blocks][block_v][T], accumulation dtype), and per token the online
-//     (max, sum-exp) and the target logit, as target_logprob_fwd returns them;
-//   fused_loss_grads: per vocab block, G^T = coef * (onehot(y) - exp(z^T - lse)) in place, then
-//     grad_W[blk] += G^T @ h (straight into Megatron's fp32 main_grad) and grad_h += G @ W_blk
-//     (per-thread partials, summed at the end).
-// So the logits GEMM runs once: 3 GEMMs of 2*T*H*V_blk per block in all (6*T*H*V), no recompute.
-//
-// GEMMs: fp32/fp64 through MKL (at::mm_out / addmm_, one MKL thread per worker). bf16 with even H on a
-// CPU with AMX or AVX512-BF16: the packed-panel bf16 GEMM of csrc/panel_gemm.h (fp32 accumulate; the
-// logits are exact fp32 dot products of the bf16 inputs; G is rounded to bf16 for the two gradient
-// GEMMs, as on GPU tensor cores). Other bf16/fp16: blocks upcast to fp32 + MKL.
+// Flat path (fp32, fp64, and bf16 where the library's bf16 GEMM is fast, i.e. AMX CPUs): the chunk's
+// logits are one row-major [T, V] matrix z in the caller's buffer, and every GEMM is ONE library call on
+// the whole chunk, threaded by the library, so it runs at torch.mm's own rate (the floor the benchmark
+// measures): fp32/fp64 through at::mm_out / addmm_ (MKL), bf16 through MKL's cblas_gemm_bf16bf16f32
+// (csrc/panel_gemm.h: AMX tiles, fp32 accumulation and output):
+//   fused_loss_logits: z = h @ W^T, then per token row (row-parallel) max, sum-exp and the target logit;
+//   fused_loss_grads: per row G = coef * (onehot(y) - exp(z - lse)) in place (bf16: rounded to bf16 and
+//     written narrow into the first half of the same row, so no second buffer), then grad_h = G @ W and
+//     grad_W += G^T @ h (beta = 1: straight into Megatron's fp32 main_grad).
+// Blocked path (bf16 without AMX, fp16): z^T blocks [block_v, T], threads take vocab blocks dynamically,
+// single-threaded GEMMs per block: the AVX512-BF16 panel GEMM of csrc/panel_gemm.h, or blocks upcast to
+// fp32 + MKL. G is rounded to bf16 for the two gradient GEMMs on both bf16 paths, as on GPU tensor cores.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -72,7 +74,7 @@ bool fast_bf16(const Tensor& hidden) {
 }
 
 template <typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> logits_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+std::tuple<Tensor, Tensor, Tensor> logits_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                                int64_t vocab_start, int64_t block_v, Tensor& z) {
   const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type(hidden);
@@ -166,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_impl(const Tensor& hidden, const Tenso
 }
 
 template <typename acc_t>
-void grads_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& lse_in,
+void grads_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& lse_in,
                 const Tensor& coef_in, Tensor& z, int64_t vocab_start, int64_t block_v, const Tensor& grad_hidden,
                 const Tensor& grad_weight) {
   const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
@@ -263,6 +265,170 @@ void grads_impl(const Tensor& hidden, const Tensor& weight, const Tensor& target
   if (want_h) at::sum_out(const_cast<Tensor&>(grad_hidden), gh_parts, {0});
 }
 
+
+// The flat path (file comment) applies: dtypes whose GEMM the library runs at torch.mm's rate.
+bool flat_path(const Tensor& hidden) {
+  const auto st = hidden.scalar_type();
+  return st == at::kFloat || st == at::kDouble || (st == at::kBFloat16 && panel::library_gemm_fast());
+}
+
+// The flat path keeps z^T [V, T] (W @ h^T is the faster orientation of both BLAS calls, measured) and
+// makes ONE library call per GEMM per chunk and one parallel region per row pass: on a shared, loaded
+// CPU every extra parallel region costs a barrier that waits for a descheduled thread (measured: cutting
+// the passes into 2 MiB slabs between smaller GEMM calls made them ~3x slower in CPU time there).
+// Threads take kPassRows-row blocks of z^T dynamically; a [kPassRows, T] block stays in L2 between the
+// two sweeps of the statistics pass (256 rows x 192 tokens x 4 B = 192 KiB).
+constexpr int64_t kPassRows = 256;
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> logits_flat(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                               int64_t vocab_start, Tensor& z) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto opts = hidden.options().dtype(acc_type(hidden));
+  const bool bf = hidden.scalar_type() == at::kBFloat16;
+  Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
+  Tensor ZT = z.narrow(0, 0, V * T).view({V, T});  // z^T: W @ h^T is the fast orientation of both BLAS calls
+  acc_t* zp = ZT.data_ptr<acc_t>();
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> run_max(static_cast<size_t>(nthreads) * T, -std::numeric_limits<acc_t>::infinity());
+  std::vector<acc_t> run_sum(static_cast<size_t>(nthreads) * T, acc_t(0));
+  {
+    at::NoGradGuard no_grad;
+    if (bf) {
+      if constexpr (std::is_same_v<acc_t, float>)
+        panel::library_gemm(false, true, V, T, H, u16(w), H, u16(h), H, 0.0f, zp, T);
+    } else {
+      at::mm_out(ZT, w, h.t());
+    }
+  }
+  for_each_chunk(
+        n_blocks(V, kPassRows), [&] { return std::vector<acc_t>(T); },
+        [&](std::vector<acc_t>& bmv, int64_t c) {
+          const int tid = at::get_thread_num();
+          acc_t* mx = run_max.data() + static_cast<size_t>(tid) * T;
+          acc_t* sm = run_sum.data() + static_cast<size_t>(tid) * T;
+          const int64_t v0 = c * kPassRows, vc = std::min(kPassRows, V - v0);
+          const acc_t* blk = zp + v0 * T;
+          acc_t* bm = bmv.data();
+          std::fill(bm, bm + T, -std::numeric_limits<acc_t>::infinity());
+          for (int64_t v = 0; v < vc; ++v) {
+            const acc_t* row = blk + v * T;
+#pragma omp simd
+            for (int64_t t = 0; t < T; ++t) bm[t] = std::max(bm[t], row[t]);
+          }
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t m_new = std::max(mx[t], bm[t]);
+            sm[t] *= exp_acc(mx[t] - m_new);  // mx = -inf at first: exp(-inf) = 0
+            mx[t] = m_new;
+          }
+          for (int64_t v = 0; v < vc; ++v) {
+            const acc_t* row = blk + v * T;
+#pragma omp simd
+            for (int64_t t = 0; t < T; ++t) sm[t] += exp_acc(row[t] - mx[t]);
+          }
+        });
+  Tensor tgt = at::zeros({T}, opts);
+  acc_t* tgt_p = tgt.data_ptr<acc_t>();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t col = y[t] - vocab_start;
+    if (col >= 0 && col < V) tgt_p[t] = zp[col * T + t];  // targets of other shards: 0 (summed over TP)
+  }
+  Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
+  acc_t* om = out_max.data_ptr<acc_t>();
+  acc_t* os = out_sum.data_ptr<acc_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int k = 0; k < nthreads; ++k) m = std::max(m, run_max[static_cast<size_t>(k) * T + t]);
+    acc_t sum = 0;
+    for (int k = 0; k < nthreads; ++k) {
+      const acc_t mk = run_max[static_cast<size_t>(k) * T + t];
+      if (mk != -std::numeric_limits<acc_t>::infinity()) sum += run_sum[static_cast<size_t>(k) * T + t] * exp_acc(mk - m);
+    }
+    om[t] = m;
+    os[t] = sum;
+  }
+  return {out_max, out_sum, tgt};
+}
+
+template <typename acc_t>
+void grads_flat(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& lse_in,
+                const Tensor& coef_in, Tensor& z, int64_t vocab_start, const Tensor& grad_hidden,
+                const Tensor& grad_weight) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto acc = acc_type(hidden);
+  const bool bf = std::is_same_v<acc_t, float> && hidden.scalar_type() == at::kBFloat16;
+  const bool want_h = grad_hidden.defined(), want_w = grad_weight.defined();
+  Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
+  Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t* coef_p = coef.data_ptr<acc_t>();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  Tensor ZT = z.narrow(0, 0, V * T).view({V, T});
+  acc_t* zp = ZT.data_ptr<acc_t>();
+  uint16_t* z16 = reinterpret_cast<uint16_t*>(zp);  // bf16: G^T [V, T] with row stride 2T (below)
+  // G at each token's target, from z before the pass overwrites it: coef * (1 - p_target); -1: none here.
+  std::vector<acc_t> g_hit(T, acc_t(0));
+  std::vector<int64_t> hit_col(T, -1);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t col = y[t] - vocab_start;
+    if (y[t] < 0 || col < 0 || col >= V) continue;
+    hit_col[t] = col;
+    g_hit[t] = coef_p[t] * (acc_t(1) - exp_acc(zp[col * T + t] - lse_p[t]));
+  }
+  at::NoGradGuard no_grad;
+  // grad_h^T [H, T] = W^T @ G^T (the faster orientation of this K = V reduction, measured), transposed
+  // into grad_h at the end; grad_W += G^T @ h.
+  Tensor ghT = want_h ? at::empty({H, T}, hidden.options().dtype(acc)) : Tensor();
+  // G^T = -coef * exp(z^T - lse) in place, row by row (bf16: each row's G is rounded to bf16 and written
+  // into the first half of the same row, floats [v*T, v*T+T) -> bf16 [2vT, 2vT+T), via a row buffer and
+  // memcpy: no other row is touched, no aliasing assumption).
+  at::parallel_for(0, V, kPassRows, [&](int64_t b, int64_t e) {
+    std::vector<uint16_t> buf(bf ? T : 0);
+    for (int64_t v = b; v < e; ++v) {
+      acc_t* row = zp + v * T;
+      if (!bf) {
+#pragma omp simd
+        for (int64_t t = 0; t < T; ++t) row[t] = -coef_p[t] * exp_acc(row[t] - lse_p[t]);
+        continue;
+      }
+      if constexpr (std::is_same_v<acc_t, float>) {
+        uint16_t* bp = buf.data();
+#pragma omp simd
+        for (int64_t t = 0; t < T; ++t)
+          bp[t] = c10::detail::round_to_nearest_even(-coef_p[t] * exp_acc(row[t] - lse_p[t]));
+        std::memcpy(reinterpret_cast<uint16_t*>(row), bp, static_cast<size_t>(T) * sizeof(uint16_t));
+      }
+    }
+  });
+  for (int64_t t = 0; t < T; ++t) {  // the one-hot term at each token's target (in this shard)
+    const int64_t col = hit_col[t];
+    if (col < 0) continue;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf) {
+        const uint16_t g16 = c10::detail::round_to_nearest_even(g_hit[t]);
+        std::memcpy(z16 + 2 * col * T + t, &g16, sizeof(g16));
+        continue;
+      }
+    }
+    zp[col * T + t] = g_hit[t];
+  }
+  if (bf) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const uint16_t* g16 = z16;  // G^T [V, T] bf16, row stride 2T
+      if (want_h) panel::library_gemm(true, false, H, T, V, u16(w), H, g16, 2 * T, 0.0f, ghT.data_ptr<float>(), T);
+      if (want_w)
+        panel::library_gemm(false, false, V, H, T, g16, 2 * T, u16(h), H, 1.0f,
+                            const_cast<Tensor&>(grad_weight).data_ptr<float>(), H);
+    }
+  } else {
+    if (want_h) at::mm_out(ghT, w.t(), ZT);
+    if (want_w) const_cast<Tensor&>(grad_weight).addmm_(ZT, h);
+  }
+  if (want_h) const_cast<Tensor&>(grad_hidden).copy_(ghT.t());
+}
+
 }  // namespace
 
 // (max [T], sumexp [T] relative to max, target_logit [T]) over this vocab shard, as target_logprob_fwd,
@@ -272,9 +438,10 @@ std::tuple<Tensor, Tensor, Tensor> fused_loss_logits(const Tensor& hidden, const
                                                      Tensor& z) {
   check(hidden, weight, targets, block_v);
   check_z(z, hidden, weight.size(0), block_v);
-  if (hidden.scalar_type() == at::kDouble)
-    return logits_impl<double>(hidden, weight, targets, vocab_start, block_v, z);
-  return logits_impl<float>(hidden, weight, targets, vocab_start, block_v, z);
+  const bool flat = flat_path(hidden);
+  if (hidden.scalar_type() == at::kDouble) return logits_flat<double>(hidden, weight, targets, vocab_start, z);
+  if (flat) return logits_flat<float>(hidden, weight, targets, vocab_start, z);
+  return logits_blocked<float>(hidden, weight, targets, vocab_start, block_v, z);
 }
 
 // From fused_loss_logits' z (overwritten): G = coef * (onehot(y) - exp(z - lse)); writes grad_hidden
@@ -302,8 +469,9 @@ void fused_loss_grads(const Tensor& hidden, const Tensor& weight, const Tensor& 
   if (T == 0) return;
   (void)V;
   if (hidden.scalar_type() == at::kDouble)
-    return grads_impl<double>(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
-  grads_impl<float>(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
+    return grads_flat<double>(hidden, weight, targets, lse, coef, z, vocab_start, gh, gw);
+  if (flat_path(hidden)) return grads_flat<float>(hidden, weight, targets, lse, coef, z, vocab_start, gh, gw);
+  grads_blocked<float>(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
 }
 
 std::string bf16_gemm_engine() { return panel::engine_name(); }

@@ -4,6 +4,7 @@
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -11,14 +12,23 @@
 
 #include "bf16_gemm.h"
 
+// MKL's bf16 GEMM, exported by libtorch_cpu (weak: absent in builds without MKL). Integer arguments are
+// passed as 64-bit: correct for both MKL interfaces (LP64 reads the low 32 bits of each register / slot).
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k,
+                                       float alpha, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                                       float beta, float* c, int64_t ldc) __attribute__((weak));
+
 namespace dapo::panel {
 namespace {
+
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 
 Engine detect() {
   // DAPO_CPU_BF16_GEMM=avx512|none forces a slower engine (tests compare the paths).
   const char* force = std::getenv("DAPO_CPU_BF16_GEMM");
   const bool amx_ok = at::native::cpublas::could_pack(at::kBFloat16);
   if (force && std::strcmp(force, "none") == 0) return Engine::none;
+  if (force && std::strcmp(force, "panel") == 0) return amx_ok ? Engine::amx : Engine::none;
   if (force && std::strcmp(force, "avx512") == 0) return bf16::available() ? Engine::avx512_bf16 : Engine::none;
   if (amx_ok) return Engine::amx;
   return bf16::available() ? Engine::avx512_bf16 : Engine::none;
@@ -96,6 +106,28 @@ void gemm_strided(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t ld
     else
       bf16::gemm(M, nw, 2 * KP, A, lda, B, NP, Cp, ldc, accumulate);
   }
+}
+
+bool library_gemm_fast() {
+  static const bool ok = [] {
+    const char* force = std::getenv("DAPO_CPU_BF16_GEMM");
+    if (force && std::strcmp(force, "library") != 0) return false;  // panel / avx512 / none: the other engines
+    return engine() == Engine::amx && cblas_gemm_bf16bf16f32 != nullptr;
+  }();
+  return ok;
+}
+
+void library_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                  const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : C[i * ldc + j] * beta;
+    return;
+  }
+  TORCH_CHECK(cblas_gemm_bf16bf16f32 != nullptr, "dapo: MKL's cblas_gemm_bf16bf16f32 is not in this libtorch");
+  cblas_gemm_bf16bf16f32(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans, trans_b ? kCblasTrans : kCblasNoTrans,
+                         M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
 void release() {

@@ -34,6 +34,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const
 void gemm_strided(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* Bp,
                   int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
 
+// Whole-matrix bf16 x bf16 -> fp32 GEMM of the BLAS library, threaded by the library (call it OUTSIDE
+// parallel regions): C[M, N] = beta * C + op(A) @ op(B), all row-major; op(A) is [M, K] (trans_a: A is
+// stored [K, M]), op(B) is [K, N] (trans_b: B is stored [N, K]); lda/ldb/ldc in elements. It is MKL's
+// cblas_gemm_bf16bf16f32 (statically inside libtorch_cpu; fp32 accumulation and output, beta = 1 adds
+// into an fp32 buffer such as Megatron's main_grad). library_gemm_fast(): true where it runs at the rate
+// of torch.mm's bf16 GEMM, i.e. on AMX CPUs (MKL and oneDNN both use AMX tiles there; measured, shared
+// machine); on CPUs without AMX MKL's bf16 GEMM runs at sgemm speed (measured on an AMD EPYC), and the
+// callers keep the blocked paths. DAPO_CPU_BF16_GEMM=panel|avx512|none switches it off (tests).
+bool library_gemm_fast();
+void library_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                  const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
 // Releases the AMX tile state of this thread (call at the end of a thread's GEMM work; no-op otherwise).
 void release();
 

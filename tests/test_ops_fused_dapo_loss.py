@@ -306,10 +306,12 @@ def test_cpp_kernel_checks_its_inputs():
 
 
 @needs_cpp
-@pytest.mark.parametrize("engine", ["avx512", "none"])
+@pytest.mark.parametrize("engine", ["panel", "avx512", "none"])
 def test_bf16_gemm_engines_agree(engine, tmp_path):
-    """The bf16 paths of both ops on the other engines (AVX512-BF16 kernel, upcast + MKL) meet the same
-    tolerances (the engine is fixed at library load: a subprocess with DAPO_CPU_BF16_GEMM)."""
+    """The bf16 paths of both ops on the other engines (the blocked path on oneDNN brgemm panels, the
+    AVX512-BF16 kernel, upcast + MKL) meet the same tolerances as the default (on AMX CPUs: the fused
+    loss's flat path on MKL's bf16 GEMM); the engine is fixed at library load: a subprocess with
+    DAPO_CPU_BF16_GEMM."""
     import os
     import subprocess
     import sys
@@ -324,5 +326,5 @@ def test_bf16_gemm_engines_agree(engine, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[0] in ({"avx512": "avx512_bf16", "none": "none"}[engine], "none")
+    assert proc.stdout.split()[0] in ({"panel": "amx", "avx512": "avx512_bf16", "none": "none"}[engine], "none")
 
