@@ -55,6 +55,8 @@ class RunSection:
     nproc: int = 1
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     controls: list[str] = field(default_factory=list)
+    controls_first_only: bool = False   # run the controls in iteration 0 only (iterative DAPO vs one-shot controls)
+    budget: str = "samples"             # how RFT's generation budget matches DAPO's: "samples" | "tokens" (generated)
 
 
 @dataclass
@@ -443,6 +445,8 @@ def validate(cfg: RunConfig) -> None:
     bad = [c for c in r.controls if c not in CONTROLS]
     if bad:
         raise ConfigError(f"run.controls: unknown control(s) {bad}; choose from {list(CONTROLS)}")
+    if r.budget not in ("samples", "tokens"):
+        raise ConfigError(f"run.budget must be 'samples' or 'tokens', got {r.budget!r}")
     if r.iterations < 1:
         raise ConfigError(f"run.iterations must be >= 1, got {r.iterations}")
     if r.nproc < 1:

@@ -269,13 +269,14 @@ class Pipeline:
         """Reference policy (generator, completer, actor init) of iteration ``k``."""
         return self.policy0 if k == 0 else str(self.stage_dir(k - 1, "actor") / "hf")
 
-    def units(self) -> list[str]:
-        """The stage units of one iteration, in order (main stages, then controls, then eval)."""
+    def units(self, k: int = 0) -> list[str]:
+        """The stage units of iteration ``k``, in order (main stages, then controls, then eval)."""
         st = self.cfg.run.stages
         u = [s for s in ("generate", "mc", "critic", "advantage", "actor") if s in st]
-        if "outcome" in self.cfg.run.controls:
+        controls = self.cfg.run.controls if (k == 0 or not self.cfg.run.controls_first_only) else []
+        if "outcome" in controls:
             u += ["advantage-outcome", "actor-outcome"]
-        if "rft" in self.cfg.run.controls:
+        if "rft" in controls:
             u += ["rft-generate", "rft"]
         if "eval" in st:
             u += ["eval"]
@@ -336,9 +337,7 @@ class Pipeline:
                                                            "init": self._model_id(ref)}
         if unit == "rft-generate":
             # the same generation budget as DAPO's generate + mc stages, spread over the training problems
-            budget = sum(json.loads((d(s) / "summary.json").read_text())["throughput"]["samples"]
-                         for s in ("generate", "mc"))
-            n_prob = json.loads((d("generate") / "summary.json").read_text())["problems"]
+            budget, n_prob = generation_budget(d("generate"), d("mc"), c.run.budget)
             k_rft = max(1, round(budget / max(n_prob, 1)))
             cfg = self._fill(c.generate, problems=self.train_set, model_path=ref, seed=seed + 17, num_samples=k_rft,
                              keep=k_rft)
@@ -483,7 +482,7 @@ class Pipeline:
         models = {"reference": self.policy(k)}
         for unit, label in (("actor", "dapo"), ("actor-outcome", "outcome-only"), ("rft", "rft")):
             st = _read_stamp(self.stage_dir(k, unit))
-            if unit in self.units() and st and st.get("finished"):
+            if unit in self.units(k) and st and st.get("finished"):
                 models[label] = str(self.stage_dir(k, unit) / "hf")
         return models
 
@@ -537,7 +536,7 @@ class Pipeline:
         n_iter = iterations or self.cfg.run.iterations
         try:
             for k in range(n_iter):
-                for unit in self.units():
+                for unit in self.units(k):
                     if unit in ("advantage", "actor", "advantage-outcome", "actor-outcome") and \
                             section_types()[unit.split("-")[0]] is None:
                         note = f"stage module for {unit!r} is not installed in this version"
@@ -555,6 +554,23 @@ class Pipeline:
             path = write_report(self.out)
             self.log(f"report: {path}")
         return self.results
+
+
+def generation_budget(gen_dir: Path, mc_dir: Path, mode: str = "samples") -> tuple[float, int]:
+    """``(budget in full-solution samples, problems)`` of DAPO's generate + mc stages, for RFT to spend.
+
+    ``"samples"``: every sample counts one (a one-step candidate too). ``"tokens"``: the generated tokens
+    (completions and one-step candidates) divided by the mean length of a generate-stage sample, i.e. as
+    many whole solutions as the same number of generated tokens buys."""
+    gen = json.loads((gen_dir / "summary.json").read_text())
+    mc = json.loads((mc_dir / "summary.json").read_text())
+    metered = [gen["throughput"], mc["throughput"]] + ([mc["one_step"]] if mc.get("one_step") else [])
+    if mode == "samples":
+        return float(sum(m["samples"] for m in metered)), int(gen["problems"])
+    if mode != "tokens":
+        raise PipelineError(f"run.budget must be 'samples' or 'tokens', got {mode!r}")
+    per_sample = gen["throughput"]["completion_tokens"] / max(1, gen["throughput"]["samples"])
+    return sum(m["completion_tokens"] for m in metered) / max(per_sample, 1e-9), int(gen["problems"])
 
 
 def _read_stamp(path: Path) -> Optional[dict]:

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.eval.diagnostics import diagnostics_markdown, iteration_diagnostics
+
 
 def _load(path: Path) -> Optional[dict]:
     try:
@@ -145,6 +147,10 @@ def write_report(out_dir: str | Path) -> Path:
             if (it / "critic" / "calibration.png").is_file():
                 md += ["", f"![critic calibration]({k}/critic/calibration.png)"]
             md.append("")
+        checker = ((_load(it / "critic" / "stage.json") or {}).get("config") or {}).get("step_checker", "")
+        diag = iteration_diagnostics(it, checker)
+        (it / "diagnostics.json").write_text(json.dumps(diag, indent=1, default=str))
+        md += diagnostics_markdown(diag)
         if (it / "advantage" / "advantage_hist.png").is_file():
             md += ["### Advantages", "", f"![advantage histogram]({k}/advantage/advantage_hist.png)", ""]
         metrics = {u: it / u / "metrics.jsonl" for u in ("actor", "actor-outcome") if (it / u / "metrics.jsonl").is_file()}

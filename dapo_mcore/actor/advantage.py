@@ -120,7 +120,17 @@ def ranking_agreement(pairs: Sequence[tuple[float, float, float, float]]) -> flo
 
 
 # -------------------------------------------------------------------------------------------- stage
-def _candidates(mc_dir, min_actions: int) -> tuple[list[tuple[dict, list[dict]]], dict]:
+def scorable(actions: Sequence[dict], source: str, terminal_reward: bool) -> list[dict]:
+    """The actions a source can give a Q: all of them for the critic; for ``outcome`` only those a completion
+    started (or, with ``terminal_reward``, that end the solution with a verified reward) — one-step samples
+    that were never completed have no outcome."""
+    if source != "outcome":
+        return list(actions)
+    return [a for a in actions if a["outcome"] is not None or (terminal_reward and a["terminal_reward"] is not None)]
+
+
+def _candidates(mc_dir, min_actions: int, source: str = "critic",
+                terminal_reward: bool = True) -> tuple[list[tuple[dict, list[dict]]], dict]:
     from dapo_mcore.data.shards import iter_records
 
     cands, stats = [], {"states_in": 0, "terminal": 0, "too_few_actions": 0}
@@ -129,7 +139,7 @@ def _candidates(mc_dir, min_actions: int) -> tuple[list[tuple[dict, list[dict]]]
         if rec["terminal"]:
             stats["terminal"] += 1
             continue
-        acts = unique_actions(rec)
+        acts = scorable(unique_actions(rec), source, terminal_reward)
         if len(acts) < min_actions:
             stats["too_few_actions"] += 1
             continue
@@ -199,7 +209,7 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(cfg.reference_path)
     pad_id = pad_token_id(tok)
-    cands, stats = _candidates(mc_dir, cfg.min_actions)
+    cands, stats = _candidates(mc_dir, cfg.min_actions, cfg.source, cfg.terminal_reward)
     shards = chunk(cands, cfg.shard_size) if cands else []
     writer = None
     todo_obj: list = [None]

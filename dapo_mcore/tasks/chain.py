@@ -39,11 +39,15 @@ class ChainProblem:
             v += o
         return str(v)
 
-    def solution(self, carry_error_rate: float = 0.0, rng: random.Random | None = None) -> str:
+    def solution(self, carry_error_rate: float = 0.0, rng: random.Random | None = None,
+                 step_error_rate: float = 0.0) -> str:
         """The step-by-step solution text (ends with the answer line, no trailing newline).
 
         With ``carry_error_rate`` > 0, a '+' step that needs a carry is written without it
-        with that probability (a systematic error); later lines stay consistent with it.
+        with that probability (a systematic error). With ``step_error_rate`` > 0, every step that
+        is otherwise right is independently written off by 1 or 2 (either sign, staying in
+        [0, 99]) with that probability (errors spread over the steps). Later lines stay
+        consistent with an error.
         """
         rng = rng or random.Random(0)
         lines, v = [], self.start
@@ -51,6 +55,9 @@ class ChainProblem:
             new = v + o
             if o > 0 and (v % 10) + (o % 10) >= 10 and rng.random() < carry_error_rate:
                 new = new - 10  # dropped carry
+            elif step_error_rate > 0 and rng.random() < step_error_rate:
+                offs = [d for d in (-2, -1, 1, 2) if 0 <= new + d <= 99] or [1, 2]
+                new = new + rng.choice(offs)   # a slip: off by 1 or 2
             sign = "+" if o >= 0 else "-"
             lines.append(f"{v}{sign}{abs(o)}={new}")
             v = new
@@ -89,3 +96,50 @@ def extract_answer(text: str) -> str | None:
         return None
     rest = text[pos + len(key):].strip().split(DELIMITER)[0].strip()
     return rest or None
+
+
+def parse_prompt(prompt: str) -> tuple[int, list[int]] | None:
+    """``"47:+8-3\\n"`` -> ``(47, [8, -3])``; None if it is not a chain prompt."""
+    head, sep, rest = prompt.strip().partition(":")
+    if not sep or not head.isdigit():
+        return None
+    ops, i = [], 0
+    while i < len(rest):
+        if rest[i] not in "+-":
+            return None
+        j = i + 1
+        while j < len(rest) and rest[j].isdigit():
+            j += 1
+        if j == i + 1:
+            return None
+        ops.append(int(rest[i + 1:j]) * (1 if rest[i] == "+" else -1))
+        i = j
+    return int(head), ops
+
+
+def check_step(state_text: str, action: str) -> bool | None:
+    """Is ``action`` (one line) the right next step after ``state_text`` (prompt + the lines so far)?
+
+    Right = the next operation applied correctly to the value the previous line wrote (each line is
+    checkable from itself and the line before, whether or not the earlier lines were right); after the
+    last operation the right step is ``answer: <value>``. None if the state is not a chain state.
+    """
+    lines = state_text.split(DELIMITER)
+    parsed = parse_prompt(lines[0])
+    if parsed is None:
+        return None
+    start, ops = parsed
+    steps = [ln for ln in lines[1:] if ln.strip()]
+    v = start
+    if steps:
+        last = steps[-1]
+        _, eq, val = last.rpartition("=")
+        if not eq or not val.strip().lstrip("-").isdigit():
+            return None
+        v = int(val)
+    k = len(steps)
+    act = action.strip()
+    if k >= len(ops):
+        return act == f"answer: {v}"
+    o = ops[k]
+    return act == f"{v}{'+' if o >= 0 else '-'}{abs(o)}={v + o}"
