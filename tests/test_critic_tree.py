@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dapo_mcore.critic.metrics import action_ranking
-from dapo_mcore.critic.tree import build_trees, node_weight, pack_pieces, split_completion, tree_pieces
+from dapo_mcore.critic.tree import build_trees, node_weight, pack_pieces, prune, split_completion, tree_pieces
 from dapo_mcore.tasks.chain import check_step
 
 
@@ -50,6 +50,23 @@ def test_trie_merges_rollouts_and_labels_each_prefix_with_its_mean_outcome():
     assert node_weight(a, "count") == 4 and node_weight(a, "sqrt") == 2 and node_weight(a, "one") == 1
     with pytest.raises(ValueError, match="weighting"):
         node_weight(a, "bogus")
+
+
+def test_prune_drops_single_rollout_tails_but_keeps_exact_labels_and_paths():
+    steps = [[10, 9], [11, 9], [12]]
+    recs = [_rec("p", steps, 0, 0.5, comps=[([10, 9, 11, 9, 12, 0], 1.0), ([10, 9, 13, 9, 14, 0], 0.0),
+                                            ([15, 9, 16, 0], 0.0)]),
+            _rec("p", steps, 3, 1.0, terminal=True)]
+    (t,) = build_trees(recs, [9], 0)
+    p = prune(t, 2)
+    kept = {tuple(p.path_tokens(i)): n.count for i, n in enumerate(p.nodes)}
+    # root (3 rollouts), [10,9] (2); [10,9,11,9] (1) stays: on the path to the exact terminal label
+    assert kept == {(1, 2): 3, (1, 2, 10, 9): 2, (1, 2, 10, 9, 11, 9): 1, (1, 2, 10, 9, 11, 9, 12): 1}
+    assert p.nodes[[tuple(p.path_tokens(i)) for i in range(len(p.nodes))].index((1, 2, 10, 9, 11, 9, 12))].exact == 1.0
+    for i, n in enumerate(p.nodes):            # parents and children stay consistent
+        for c in n.children.values():
+            assert p.nodes[c].parent == i
+    assert prune(t, 1) is t
 
 
 def test_pieces_cover_every_node_once_with_ancestor_context_and_mask_follows_the_tree():

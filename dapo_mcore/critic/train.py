@@ -45,6 +45,7 @@ class CriticConfig:
     data: str = "examples"            # examples: one sequence per solution / completion; tree: one prefix tree
                                       # per problem, each distinct step-prefix once (dapo_mcore.critic.tree)
     tree_weighting: str = "count"     # tree: label weight = rollouts through the node | sqrt | one
+    tree_min_count: int = 1           # tree: drop nodes fewer rollouts passed through (2: no single-rollout tails)
     step_checker: str = ""            # optional task step checker for the held-out ranking diagnostics ("chain")
     heldout_fraction: float = 0.1     # of problems
     seed: int = 0
@@ -146,11 +147,12 @@ def _build_tree_data(cfg: CriticConfig, records: list[dict], tok, max_len: int):
     """Training pieces of the prefix trees of the non-held-out problems, the weight scale that makes the
     mean label weight 1, and counts."""
     from dapo_mcore.critic.data import is_heldout
-    from dapo_mcore.critic.tree import build_trees, node_weight, tree_pieces, tree_stats
+    from dapo_mcore.critic.tree import build_trees, node_weight, prune, tree_pieces, tree_stats
 
     train_recs = [r for r in records if not is_heldout(r["problem_id"], cfg.heldout_fraction, cfg.seed)]
     trees = build_trees(train_recs, tok.encode("\n", add_special_tokens=False), tok.eos_token_id,
                         use_completions=cfg.use_completions)
+    trees = [prune(t, cfg.tree_min_count) for t in trees]
     pieces = tree_pieces(trees, max_len)
     own = [trees[p.tree].nodes[n] for p in pieces for n in p.nodes[p.n_context:]]
     labelled = [n for n in own if n.labelled]

@@ -270,6 +270,28 @@ def pack_pieces(trees: Sequence[PrefixTree], pieces: Sequence[Piece], token_budg
     return mbs
 
 
+def prune(tree: PrefixTree, min_count: int) -> PrefixTree:
+    """The tree without the nodes fewer than ``min_count`` rollouts passed through (and their subtrees), unless
+    they carry an exact label or lie on a kept node's path. ``min_count`` 2 drops every completion tail only
+    one rollout took: the single-sample 0/1 labels and most of the tokens."""
+    if min_count <= 1:
+        return tree
+    keep = [False] * len(tree.nodes)
+    for i in range(len(tree.nodes) - 1, -1, -1):        # children come after their parents: bottom-up
+        n = tree.nodes[i]
+        if i == 0 or n.exact is not None or n.count >= min_count or keep[i]:
+            keep[i] = True
+            if n.parent >= 0:
+                keep[n.parent] = True
+    new = {old: k for k, old in enumerate(i for i in range(len(tree.nodes)) if keep[i])}
+    nodes = []
+    for old in sorted(new, key=new.get):
+        n = tree.nodes[old]
+        nodes.append(Node(n.tokens, new.get(n.parent, -1), n.depth, n.reward_sum, n.count, n.exact,
+                          {k: new[c] for k, c in n.children.items() if c in new}))
+    return PrefixTree(tree.problem_id, nodes)
+
+
 def tree_stats(trees: Sequence[PrefixTree]) -> dict:
     labelled = [n for t in trees for n in t.nodes if n.labelled]
     return {"trees": len(trees), "nodes": sum(len(t.nodes) for t in trees), "labelled_nodes": len(labelled),
