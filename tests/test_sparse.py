@@ -223,3 +223,12 @@ def test_sparse_table_and_result_lines(tmp_path):
     assert "RESULT sparse_dapo_mean 75.0 %" in lines and "RESULT sparse_best_control_mean 60.0 %" in lines
     assert "RESULT sparse_dapo_min_minus_control_max +5.0 points" in lines
     assert "RESULT sparse_demo_seconds 123 s" in lines and "RESULT sparse_reference_mean 10.0 %" in lines
+
+
+def test_critic_identity_keeps_example_mode_runs_and_ignores_the_checker():
+    from dapo_mcore.critic.train import CriticConfig
+
+    d = CriticConfig().identity()
+    assert not {"data", "tree_weighting", "tree_min_count", "step_checker"} & set(d)
+    t = CriticConfig(data="tree", tree_min_count=2, step_checker="chain").identity()
+    assert t["data"] == "tree" and t["tree_min_count"] == 2 and "step_checker" not in t

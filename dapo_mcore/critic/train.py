@@ -55,6 +55,16 @@ class CriticConfig:
     tensorboard: bool = True
     parallel: ParallelConfig = field(default_factory=ParallelConfig)   # layout + fast_paths
 
+    def identity(self) -> dict:
+        """The fields that change the trained critic (the step checker only feeds diagnostics; the tree fields
+        matter only with ``data="tree"``, so older example-mode runs keep their identity)."""
+        d = asdict(self)
+        d.pop("step_checker")
+        if self.data == "examples":
+            for k in ("data", "tree_weighting", "tree_min_count"):
+                d.pop(k)
+        return d
+
 
 def value_forward_step(model, batch: dict):
     """Value logits at the labelled positions; loss = BCE-with-logits sum (weighted by ``batch["weights"]``
