@@ -232,3 +232,21 @@ def test_critic_identity_keeps_example_mode_runs_and_ignores_the_checker():
     assert not {"data", "tree_weighting", "tree_min_count", "step_checker"} & set(d)
     t = CriticConfig(data="tree", tree_min_count=2, step_checker="chain").identity()
     assert t["data"] == "tree" and t["tree_min_count"] == 2 and "step_checker" not in t
+
+
+def test_deepened_critic_init_computes_what_the_policy_computes(tiny_qwen2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dapo_mcore.critic.deepen import deepen_checkpoint
+
+    out = deepen_checkpoint(tiny_qwen2, tmp_path / "deep", extra_layers=2)
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2))
+    b = AutoModelForCausalLM.from_pretrained(str(out))
+    assert b.config.num_hidden_layers == a.config.num_hidden_layers + 2
+    tok = AutoTokenizer.from_pretrained(str(out))
+    x = torch.tensor([tok.encode("47:+8-3\n47+8=55\n", add_special_tokens=False)])
+    assert torch.equal(a(x).logits, b(x).logits)
+    top = b.model.layers[-1]
+    assert top.mlp.down_proj.weight.abs().sum() == 0 and top.mlp.up_proj.weight.abs().sum() > 0
+    with pytest.raises(ValueError):
+        deepen_checkpoint(tiny_qwen2, tmp_path / "x", extra_layers=0)
