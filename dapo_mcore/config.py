@@ -57,6 +57,7 @@ class RunSection:
     controls: list[str] = field(default_factory=list)
     controls_first_only: bool = False   # run the controls in iteration 0 only (iterative DAPO vs one-shot controls)
     budget: str = "samples"             # how RFT's generation budget matches DAPO's: "samples" | "tokens" (generated)
+    outcome_beta: Optional[float] = None  # beta of the outcome-only control's actor (default: actor.beta)
 
 
 @dataclass

@@ -332,7 +332,7 @@ class Pipeline:
         if unit in ("actor", "actor-outcome"):
             self._require_type("actor")
             adv = d("advantage" + unit[len("actor"):])
-            cfg = self._fill(c.actor, init_path=ref, seed=seed)
+            cfg = self.actor_config(unit, ref, seed)
             return "actor", cfg, [str(adv), str(d(unit))], {"advantage": self._output_id(adv),
                                                            "init": self._model_id(ref)}
         if unit == "rft-generate":
@@ -348,6 +348,14 @@ class Pipeline:
             return "rft", cfg, [str(d("rft-generate")), str(d(unit))], {"rft-generate": self._shard_id(d("rft-generate")),
                                                                          "init": self._model_id(ref)}
         raise PipelineError(f"unknown stage {unit!r}")
+
+    def actor_config(self, unit: str, ref: str, seed: int):
+        """The actor stage config of ``unit`` (``actor`` | ``actor-outcome``): the outcome-only control may
+        have its own beta (``run.outcome_beta``; its advantages have another scale than the critic's)."""
+        cfg = self._fill(self.cfg.actor, init_path=ref, seed=seed)
+        if unit == "actor-outcome" and self.cfg.run.outcome_beta is not None:
+            cfg = dataclasses.replace(cfg, beta=self.cfg.run.outcome_beta)
+        return cfg
 
     def eval_config(self):
         g = self.cfg.generate

@@ -153,6 +153,10 @@ def test_controls_first_only(tmp_path):
     first = Pipeline(load_run_config(None, over + ["run.controls_first_only=true"]))
     assert every.units(1) == every.units(0) == first.units(0)
     assert "rft" in first.units(0) and first.units(1) == ["generate", "mc", "critic", "advantage", "actor", "eval"]
+    beta = Pipeline(load_run_config(None, over + ["run.outcome_beta=0.3", "actor.beta=0.05"]))
+    assert beta.actor_config("actor", "ref", 0).beta == 0.05
+    assert beta.actor_config("actor-outcome", "ref", 0).beta == 0.3
+    assert every.actor_config("actor-outcome", "ref", 0).beta == every.actor_config("actor", "ref", 0).beta
     with pytest.raises(ConfigError, match="run.budget"):
         load_run_config(None, over + ["run.budget=flops"])
 

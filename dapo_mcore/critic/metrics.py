@@ -98,6 +98,21 @@ def action_ranking(states: Sequence[tuple[int, Sequence[tuple[float, float, Opti
                             for p in sorted(set(mc) | set(cor))}}
 
 
+def state_is_clean(check, state_text: str, delimiter: str = "\n") -> bool:
+    """Whether every step of ``state_text`` (prompt, then one step per line) is right by ``check``: only in
+    such a state can a right next step have a higher value than a wrong one (after an error every action's
+    value is ~0), so ranking against step correctness is measured on clean states."""
+    lines = state_text.split(delimiter)
+    head = lines[0] + delimiter
+    for ln in lines[1:]:
+        if not ln.strip():
+            continue
+        if not check(head, ln):
+            return False
+        head += ln + delimiter
+    return True
+
+
 def step_checker(name: str):
     """A task's step checker ``(state_text, action_text) -> bool | None`` by name (``"chain"``)."""
     if name == "chain":

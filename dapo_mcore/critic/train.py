@@ -117,7 +117,7 @@ def heldout_ranking(chunks: list, records: list[dict], tok, cfg: CriticConfig, p
     """Action-ranking accuracy of the critic on held-out problems (:func:`~dapo_mcore.critic.metrics.action_ranking`):
     the distinct first steps of each non-terminal state's completions, their MC outcome (mean reward of the
     rollouts through them) and, with ``cfg.step_checker``, whether each step is right."""
-    from dapo_mcore.critic.metrics import action_ranking, step_checker
+    from dapo_mcore.critic.metrics import action_ranking, state_is_clean, step_checker
     from dapo_mcore.critic.tree import build_trees, split_completion
 
     if not records:
@@ -127,7 +127,7 @@ def heldout_ranking(chunks: list, records: list[dict], tok, cfg: CriticConfig, p
     trees = build_trees(records, sorted(delims), tok.eos_token_id)
     values = predict_trees(chunks, trees, cfg.token_budget, pad_id, cfg.rows_per_microbatch)
     index = {t.problem_id: i for i, t in enumerate(trees)}
-    states = []
+    states, clean = [], []
     for r in records:
         if r["terminal"] or not r.get("completions"):
             continue
@@ -150,7 +150,12 @@ def heldout_ranking(chunks: list, records: list[dict], tok, cfg: CriticConfig, p
             acts.append((values[(ti, child)], tree.nodes[child].target, ok))
         if len(acts) >= 2:
             states.append((len(r["step_ids"]), acts))
-    return action_ranking(states)
+            if check and state_is_clean(check, state_text):
+                clean.append(states[-1])
+    out = action_ranking(states)
+    if check:
+        out["clean"] = action_ranking(clean)   # states without a wrong step so far
+    return out
 
 
 def _build_tree_data(cfg: CriticConfig, records: list[dict], tok, max_len: int):

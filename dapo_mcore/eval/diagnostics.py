@@ -2,7 +2,8 @@
 
 - **critic ranking per position** (``advantage``): for each candidate state, the pairs of its distinct actions
   whose MC outcomes differ, ordered like the outcomes by the critic's Q (ties count half); with a task step
-  checker also the pairs of a right and a wrong step (the right one ranked higher). From the critic's own
+  checker also the pairs of a right and a wrong step (the right one ranked higher) in states without a wrong
+  step so far (after one, every action is worth ~0 and no value can order them). From the critic's own
   held-out problems: ``critic/summary.json``'s ``heldout.ranking`` (same definitions).
 - **gap filter per position**: the fraction of candidate states kept (gap >= threshold), for the critic's and
   the outcome-only advantages, and the mean |A| of the kept actions.
@@ -52,6 +53,8 @@ def advantage_by_position(adv_dir: Path, positions: dict[str, int], check=None, 
     from dapo_mcore.data.shards import iter_records
 
     rows: dict[int, dict] = {}
+    from dapo_mcore.critic.metrics import state_is_clean
+
     mc_states, cor_states = [], []
     for r in iter_records(adv_dir):
         pos = positions.get(r["state_id"], -1)
@@ -67,7 +70,8 @@ def advantage_by_position(adv_dir: Path, positions: dict[str, int], check=None, 
         mc_states.append((pos, [(a["critic_q"], a["outcome"], None) for a in acts if a["outcome"] is not None]))
         if check is not None and tok is not None:
             state = tok.decode(r["state_ids"], skip_special_tokens=True)
-            cor_states.append((pos, [(a["critic_q"], 0.0, check(state, a["text"])) for a in acts]))
+            if state_is_clean(check, state):    # after a wrong step every action is worth ~0
+                cor_states.append((pos, [(a["critic_q"], 0.0, check(state, a["text"])) for a in acts]))
     out = {}
     for pos in sorted(rows):
         d = rows[pos]
