@@ -17,6 +17,13 @@ TORCH_LIBRARY(dapo_mcore, m) {
         "int block_v) -> (Tensor, Tensor, Tensor)");
   m.def("target_logprob_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor grad_logp, "
         "int vocab_start, int block_t, int block_v, Tensor(a!)? main_grad=None) -> (Tensor, Tensor)");
+  // Fused DAPO loss from hidden states, one token chunk at a time (csrc/fused_dapo_loss.cpp).
+  m.def("fused_loss_logits(Tensor hidden, Tensor weight, Tensor targets, int vocab_start, int block_v, "
+        "Tensor(a!) z) -> (Tensor, Tensor, Tensor)");
+  m.def("fused_loss_grads(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor coef, Tensor(a!) z, "
+        "int vocab_start, int block_v, Tensor(b!)? grad_hidden, Tensor(c!)? grad_weight) -> ()");
+  // Which bf16 GEMM the CPU kernels use: "amx" | "avx512_bf16" | "none" (csrc/panel_gemm.h).
+  m.def("bf16_gemm_engine() -> str");
   // DAPO loss fused with the per-action segment sums (csrc/dapo_loss.cpp).
   m.def("dapo_loss_fwd(Tensor logp, Tensor ref_logp, Tensor segment_ids, Tensor advantages, float beta, "
         "float normalizer) -> (Tensor, Tensor)");

@@ -6,8 +6,9 @@
 // (max, sum-exp) per token, merged at the end, and its own grad_hidden partial sum. Chunk
 // GEMMs go to MKL via at::mm_out (one MKL thread per worker); the exp / max passes are
 // `omp simd` loops.
-// Accumulation dtype: float64 for float64 inputs, float32 otherwise (bf16/fp16 chunks are
-// upcast before the GEMM).
+// Accumulation dtype: float64 for float64 inputs, float32 otherwise. bf16 with even H on a CPU with
+// AMX or AVX512-BF16: the packed-panel bf16 GEMM (csrc/panel_gemm.h, fp32 accumulate); other bf16/fp16
+// chunks are upcast before an fp32 GEMM.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,42 +20,19 @@
 #include <limits>
 #include <vector>
 
-#include "bf16_gemm.h"
+#include "cpu_common.h"
 #include "fast_exp.h"
-
-// MKL (statically inside libtorch_cpu) could otherwise start its own threads inside each of
-// our workers (nested oversubscription). Weak symbol: simply absent in builds without MKL.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#include "panel_gemm.h"
 
 namespace dapo {
 namespace {
 
 using at::Tensor;
-
-// Single-threaded BLAS for the chunk GEMMs of one at::parallel_for task (restored on exit).
-struct SerialBlas {
-  int prev = 0;
-  SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-// Runs body(chunk) for chunk in [0, n_chunks) on all threads, handing chunks out dynamically
-// (an atomic counter): on a shared, noisy CPU a static split waits for the slowest thread.
-template <typename Init, typename Body>
-void for_each_chunk(int64_t n_chunks, const Init& init, const Body& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
-    SerialBlas serial;
-    auto state = init();
-    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(state, c);
-  });
-}
-
+using cpu::acc_type;
+using cpu::for_each_chunk;
+using cpu::tile;
+using cpu::u16;
+using cpu::u32;
 
 void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t block_t,
                   int64_t block_v) {
@@ -75,23 +53,12 @@ void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& targ
               "target_logprob: CPU kernels got a non-CPU tensor");
 }
 
-at::ScalarType acc_type(const Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// bf16 inputs take the AVX512-BF16 GEMM (csrc/bf16_gemm.h) when the CPU has it; H even so that
-// the K-pairs of a hidden/weight row are adjacent (odd H falls back to upcast + fp32 GEMMs).
+// bf16 inputs take the packed-panel bf16 GEMM (csrc/panel_gemm.h: AMX or AVX512-BF16) when the CPU has
+// one; H even so that the K-pairs of a hidden/weight row are adjacent (odd H: upcast + fp32 GEMMs).
 bool bf16_fast(const Tensor& hidden) {
-  return hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && bf16::available();
+  return hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && panel::available();
 }
 
-const uint16_t* u16(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
-uint32_t* u32(Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
-
-// Row-major [rows, cols] tile view over the first rows*cols elements of a flat buffer.
-Tensor tile(const Tensor& flat, int64_t rows, int64_t cols) {
-  return flat.narrow(0, 0, rows * cols).view({rows, cols});
-}
 
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
@@ -126,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
         return FwdState{run_max.data() + static_cast<size_t>(tid) * T,
                         run_sum.data() + static_cast<size_t>(tid) * T, at::empty({bt * block_v}, opts),
                         upcast ? at::empty({block_v * H}, opts)
-                               : fast ? at::empty({block_v * H / 2}, at::kInt) : Tensor()};
+                               : fast ? at::empty({panel::packed_words(H, block_v)}, at::kInt) : Tensor()};
       },
       [&](FwdState& st, int64_t c) {
         acc_t* mx = st.mx;
@@ -134,13 +101,13 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
         const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
         Tensor wc = w.narrow(0, v0, vc);
         if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);  // bf16/fp16 -> fp32, reused buffer
-        if (fast) bf16::pack_b(u16(w) + v0 * H, H, H, vc, /*rows_are_n=*/true, u32(st.wbuf), vc);
+        if (fast) panel::pack(u16(w) + v0 * H, H, H, vc, /*rows_are_n=*/true, u32(st.wbuf));
         for (int64_t t0 = 0; t0 < T; t0 += bt) {
           const int64_t tb = std::min(bt, T - t0);
           Tensor z = tile(st.buf, tb, vc);
           if (fast)
-            bf16::gemm(tb, vc, H, u16(h) + t0 * H, H, u32(st.wbuf), vc, reinterpret_cast<float*>(z.data_ptr()), vc,
-                       false);
+            panel::gemm(tb, vc, H, u16(h) + t0 * H, H, u32(st.wbuf), reinterpret_cast<float*>(z.data_ptr()), vc,
+                        false);
           else
             at::mm_out(z, h.narrow(0, t0, tb), wc.t());
           const acc_t* zp = z.data_ptr<acc_t>();
@@ -160,6 +127,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
             if (col >= 0 && col < vc) tgt_p[t] = row[col];  // exactly one chunk owns the target
           }
         }
+      },
+      [&](auto&) {
+        if (fast) panel::release();
       });
 
   Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
@@ -183,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
 // then grad_h[t0:t0+tb] += G @ W_c and grad_W_c (+)= G^T @ h[t0:t0+tb], fp32 accumulation.
 template <typename State>
 void bf16_grad_gemms(State& st, const float* G, int64_t t0, int64_t tb, int64_t vc, int64_t H, Tensor& gwc,
-                     bool into_main, Tensor& h_pairs) {
+                     bool into_main, Tensor& h_pairs, int64_t T) {
   const int64_t vk = vc + (vc & 1), tk = tb + (tb & 1);  // even K of the two GEMMs (zero padded)
   uint16_t* g16 = reinterpret_cast<uint16_t*>(st.g16.data_ptr());
   uint16_t* gt16 = reinterpret_cast<uint16_t*>(st.gt16.data_ptr());
@@ -199,8 +169,10 @@ void bf16_grad_gemms(State& st, const float* G, int64_t t0, int64_t tb, int64_t 
     for (int64_t i = 0; i < tb; ++i) out[i] = g16[i * vk + j];
     if (tk != tb) out[tb] = 0;
   }
-  bf16::gemm(tb, H, vk, g16, vk, u32(st.w_pairs), H, reinterpret_cast<float*>(st.gh.data_ptr()) + t0 * H, H, true);
-  bf16::gemm(vc, H, tk, gt16, tk, u32(h_pairs) + t0 / 2 * H, H, gwc.data_ptr<float>(), H, into_main || t0 > 0);
+  panel::gemm(tb, H, vk, g16, vk, u32(st.w_pairs), reinterpret_cast<float*>(st.gh.data_ptr()) + t0 * H, H, true);
+  // the K-slice [t0, t0 + tk) of hidden's packed token pairs (t0 even)
+  panel::gemm_strided(vc, H, tk, gt16, tk, u32(h_pairs) + t0 / 2 * panel::NP, (T + 1) / 2 * panel::NP,
+                      gwc.data_ptr<float>(), H, into_main || t0 > 0);
 }
 
 template <typename acc_t>
@@ -234,8 +206,8 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
   Tensor h_pairs;
   if (fast) {
     bt += bt & 1;
-    h_pairs = at::empty({(T + 1) / 2 * H}, at::kInt);
-    bf16::pack_b(u16(h), H, T, H, /*rows_are_n=*/false, u32(h_pairs), H);
+    h_pairs = at::empty({panel::packed_words(T, H)}, at::kInt);
+    panel::pack(u16(h), H, T, H, /*rows_are_n=*/false, u32(h_pairs));
   }
   const int64_t vce = block_v + (block_v & 1);  // even K for G @ W_chunk
 
@@ -250,8 +222,8 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
                         at::empty({bt * block_v}, opts),  // G^T contiguous: MKL runs G^T @ h ~1.7x faster
                         direct_gw ? Tensor() : at::empty({block_v * H}, opts),
                         upcast ? at::empty({block_v * H}, opts)
-                               : fast ? at::empty({block_v * H / 2}, at::kInt) : Tensor(),
-                        fast ? at::empty({vce / 2 * H}, at::kInt) : Tensor(),
+                               : fast ? at::empty({panel::packed_words(H, block_v)}, at::kInt) : Tensor(),
+                        fast ? at::empty({panel::packed_words(vce, H)}, at::kInt) : Tensor(),
                         fast ? at::empty({bt * vce}, at::kBFloat16) : Tensor(),
                         fast ? at::empty({block_v * bt}, at::kBFloat16) : Tensor()};
       },
@@ -262,16 +234,16 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
         Tensor gwc = into_main ? main_grad.narrow(0, v0, vc)
                      : direct_gw ? grad_w.narrow(0, v0, vc) : tile(st.gw_buf, vc, H);
         if (fast) {
-          bf16::pack_b(u16(w) + v0 * H, H, H, vc, /*rows_are_n=*/true, u32(st.wbuf), vc);   // for h @ W_c^T
-          bf16::pack_b(u16(w) + v0 * H, H, vc, H, /*rows_are_n=*/false, u32(st.w_pairs), H);  // for G @ W_c
+          panel::pack(u16(w) + v0 * H, H, H, vc, /*rows_are_n=*/true, u32(st.wbuf));     // for h @ W_c^T
+          panel::pack(u16(w) + v0 * H, H, vc, H, /*rows_are_n=*/false, u32(st.w_pairs));  // for G @ W_c
         }
         for (int64_t t0 = 0; t0 < T; t0 += bt) {
           const int64_t tb = std::min(bt, T - t0);
           Tensor z = tile(st.buf, tb, vc);
           Tensor hb = h.narrow(0, t0, tb);
           if (fast)
-            bf16::gemm(tb, vc, H, u16(h) + t0 * H, H, u32(st.wbuf), vc, reinterpret_cast<float*>(z.data_ptr()), vc,
-                       false);
+            panel::gemm(tb, vc, H, u16(h) + t0 * H, H, u32(st.wbuf), reinterpret_cast<float*>(z.data_ptr()), vc,
+                        false);
           else
             at::mm_out(z, hb, wc.t());
           acc_t* zp = z.data_ptr<acc_t>();
@@ -287,7 +259,7 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
             if (col >= 0 && col < vc) row[col] += gi;
           }
           if (fast) {
-            if constexpr (std::is_same_v<acc_t, float>) bf16_grad_gemms(st, zp, t0, tb, vc, H, gwc, into_main, h_pairs);
+            if constexpr (std::is_same_v<acc_t, float>) bf16_grad_gemms(st, zp, t0, tb, vc, H, gwc, into_main, h_pairs, T);
             continue;
           }
           Tensor zt = tile(st.buf_t, vc, tb);
@@ -300,6 +272,9 @@ std::tuple<Tensor, Tensor> bwd_impl(const Tensor& hidden, const Tensor& weight, 
         }
         if (T == 0 && !into_main) gwc.zero_();
         if (!direct_gw) grad_w.narrow(0, v0, vc).copy_(gwc);
+      },
+      [&](auto&) {
+        if (fast) panel::release();
       });
   Tensor grad_h = grad_h_parts.sum(0).to(hidden.scalar_type());
   return {grad_h, grad_w};

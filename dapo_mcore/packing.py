@@ -167,6 +167,37 @@ def collate(rows: Sequence[PackedRow], pad_id: int = 0, length: int | None = Non
 PACKINGS = ("dense_mask", "thd")
 
 
+def thd_cu_seqlens(doc: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` int32 ``[n_docs + 1]`` of a block-diagonal row from its per-token document ids ``[L]``
+    (documents contiguous, padding = -2 ignored): what ``PackedSeqParams(qkv_format="thd")`` takes."""
+    real = doc[doc >= 0]
+    if real.numel() == 0:
+        return torch.zeros(1, dtype=torch.int32)
+    change = torch.nonzero(real[1:] != real[:-1]).flatten() + 1
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), change, torch.tensor([real.numel()])])
+    return bounds.to(torch.int32)
+
+
+def thd_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Positions int64 ``[T]`` of a THD pack: ``0..len-1`` in every document delimited by ``cu_seqlens``
+    ``[n_docs + 1]`` (what megatron's ``cu_seqlens`` RoPE uses)."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    return torch.arange(int(cu[-1]), device=cu.device) - starts
+
+
+def thd_packed_seq_params(cu_seqlens: torch.Tensor):
+    """megatron ``PackedSeqParams(qkv_format="thd")`` for self-attention over the documents delimited by
+    ``cu_seqlens`` int32 ``[n_docs + 1]`` (see :func:`thd_cu_seqlens`; Transformer Engine attention on GPU,
+    :class:`ThdCoreAttention` on CPU)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                           max_seqlen_kv=max_len)
+
+
 def collate_thd(rows: Sequence[PackedRow]) -> dict:
     """Concatenate the real tokens of ``rows`` into one THD sequence of ``T = sum(len(row))`` tokens.
 
@@ -175,8 +206,6 @@ def collate_thd(rows: Sequence[PackedRow]) -> dict:
     ``cu_seqlens`` ``[n_docs + 1]`` int32, ``max_seqlen`` int, ``lengths`` ``[b]`` and ``row_offsets``
     ``[b]`` (where each row starts in ``[T]``). Raises ValueError for a shared-prefix row.
     """
-    from dapo_mcore.parallel.fast_paths import thd_cu_seqlens, thd_packed_seq_params, thd_positions
-
     if not rows:
         raise ValueError("collate_thd needs at least one row")
     docs, ndoc = [], 0

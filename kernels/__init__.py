@@ -12,6 +12,8 @@ _EXPORTS = {
     "target_logprob_bwd": "dapo_kernels.target_logprob",
     "dapo_loss_fwd": "dapo_kernels.dapo_loss",
     "dapo_loss_bwd": "dapo_kernels.dapo_loss",
+    "fused_loss_logits": "dapo_kernels.fused_dapo_loss",
+    "fused_loss_grads": "dapo_kernels.fused_dapo_loss",
 }
 
 

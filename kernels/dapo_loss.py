@@ -81,3 +81,25 @@ def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids:
                                                advantages.contiguous(), segment_ids.long().contiguous(), out, T,
                                                1.0 / beta, 1.0 / normalizer, ACC=acc_tl, BLOCK=BLOCK)
     return out
+
+
+def _compile_specs():
+    from dapo_kernels.compile_check import KernelSpec, triton_type
+
+    one = lambda dt, cc=None: [{"BLOCK": BLOCK, "num_warps": 4, "num_stages": 3}]  # noqa: E731
+    acc = lambda dt: {"ACC": tl.float32}  # noqa: E731
+    return [
+        KernelSpec("dapo_loss_segsum", _segsum_kernel,
+                   lambda dt: {"logp_ptr": f"*{triton_type(dt)}", "ref_ptr": f"*{triton_type(dt)}", "seg_ptr": "*i64",
+                               "ratio_ptr": "*fp32", "T": "i32"}, acc, one, one),
+        KernelSpec("dapo_loss_loss", _loss_kernel,
+                   lambda dt: {"ratio_ptr": "*fp32", "adv_ptr": f"*{triton_type(dt)}", "loss_ptr": "*fp32", "S": "i32",
+                               "inv_beta": "fp32", "inv_norm": "fp32"}, acc, one, one),
+        KernelSpec("dapo_loss_grad", _grad_kernel,
+                   lambda dt: {"gl_ptr": "*fp32", "ratio_ptr": "*fp32", "adv_ptr": f"*{triton_type(dt)}",
+                               "seg_ptr": "*i64", "out_ptr": "*fp32", "T": "i32", "inv_beta": "fp32",
+                               "inv_norm": "fp32"}, acc, one, one),
+    ]
+
+
+COMPILE_SPECS = _compile_specs()

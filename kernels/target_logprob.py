@@ -1,15 +1,22 @@
 """Triton kernels of the fused target log-prob (GPU path; Ampere/Hopper, bf16 in, fp32 accumulate).
 
-Forward: grid (token blocks, vocab splits). Each program walks its vocab split in BLOCK_V
-chunks: logits tile [BLOCK_T, BLOCK_V] = sum over BLOCK_H slices of h @ W^T (tl.dot, fp32
+Forward (``_fwd_kernel``): grid (token blocks, vocab splits). Each program walks its vocab split in
+BLOCK_V chunks: logits tile [BLOCK_T, BLOCK_V] = sum over BLOCK_H slices of h @ W^T (tl.dot, fp32
 accumulator), then an online max / sum-exp per token and the target logit; the splits' partial
-(max, sum-exp, target) are merged in torch ([n_splits, T] floats, never [T, V]).
-Backward: grid (token blocks, vocab blocks). Each program recomputes its logits tile, forms
-G = g * (onehot(y) - softmax) with the saved global lse, and atomically adds G @ W_blk into
-grad_hidden and G^T @ h_blk into grad_weight (fp32 buffers), H slice by H slice.
+(max, sum-exp, target) are merged in torch ([n_splits, T] floats, never [T, V]). With ``STORE_Z``
+the fp32 logits tile is also written out (the fused DAPO-loss op keeps one token chunk's logits).
 
-Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) bf16/fp16 operands are upcast to fp32
-before ``tl.dot``: the interpreter's bf16 dot returns garbage (shared/notes/kernels-on-cpu.md).
+Backward, token chunk by token chunk (``BWD_CHUNK_BYTES`` of G per chunk), three launches per chunk
+and no atomics (docs/kernels.md has the roofline argument):
+1. ``_grad_logits_kernel``, grid (token blocks, vocab blocks): recompute the logits tile and write
+   ``G = g * (onehot(y) - exp(z - lse))`` in the operand dtype (bf16 for tensor cores) to a
+   ``[chunk, V]`` buffer;
+2. ``grad_hidden[chunk] = G @ W`` (:func:`dapo_kernels.gemm.matmul`);
+3. ``grad_weight += G^T @ h[chunk]``, straight into Megatron's fp32 ``main_grad`` when given: each
+   output tile is owned by one program and added once per chunk (deterministic).
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) bf16/fp16 operands are upcast to fp32 before
+``tl.dot``: the interpreter's bf16 dot returns garbage (shared/notes/kernels-on-cpu.md).
 fp32 inputs use ``input_precision="ieee"`` (no TF32); fp64 inputs accumulate in fp64.
 """
 from __future__ import annotations
@@ -20,15 +27,34 @@ import torch
 import triton
 import triton.language as tl
 
+from dapo_kernels import gemm, tuning
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Defaults for Hopper/Ampere; block_t/block_v arguments override (tests use small ones).
-DEFAULT = {"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
-AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-    for bt, bv, bh, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                             (128, 64, 64, 4, 4), (64, 256, 32, 8, 3)]
-]
-SPLIT_ALIGN = 256  # vocab splits are multiples of every BLOCK_V above
+BLOCKS = ("BLOCK_T", "BLOCK_V", "BLOCK_H")
+# Every candidate (scripts/kernel_report.py compiles them all) and what the GPU path may select per
+# kernel and target: no spills, within the target's shared memory (docs/kernels.md, compile table).
+GRID = {
+    "bfloat16": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+                 (64, 256, 32, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)],
+    "float32": [(64, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 128, 32, 8, 3), (64, 64, 16, 4, 4),
+                (128, 64, 32, 8, 3)],
+}
+_BF16_FWD = [(128, 128, 64, 8, 3), (64, 256, 32, 8, 3)]
+SELECT = {   # the per-token forward
+    ("bfloat16", 90): _BF16_FWD, ("bfloat16", 80): _BF16_FWD,
+    ("float32", 90): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3)], ("float32", 80): [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3)],
+}
+SELECT_STORE_Z = {   # the same kernel storing the logits (fused DAPO loss): more live registers
+    ("bfloat16", 90): [(128, 128, 32, 8, 4), (64, 64, 64, 4, 4)], ("bfloat16", 80): [(128, 128, 32, 8, 4), (64, 64, 64, 4, 4)],
+    ("float32", 90): [(64, 128, 32, 8, 3), (64, 64, 16, 4, 4)], ("float32", 80): [(64, 128, 32, 8, 3), (64, 64, 16, 4, 4)],
+}
+SELECT_GRAD = {   # the backward's G kernel
+    ("bfloat16", 90): _BF16_FWD, ("bfloat16", 80): _BF16_FWD,
+    ("float32", 90): [(64, 128, 32, 8, 3), (32, 128, 32, 4, 3)], ("float32", 80): [(64, 128, 32, 8, 3), (32, 128, 32, 4, 3)],
+}
+SPLIT_ALIGN = 256          # vocab splits are multiples of every BLOCK_V above
+BWD_CHUNK_BYTES = 1 << 30  # G buffer of one backward token chunk ([chunk, V] in the operand dtype)
+INTERPRET_META = {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -36,23 +62,26 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, stride_h, stride_w,
                  BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=ACC)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + tl.arange(0, BLOCK_H)[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_H)[None, :]
     for h0 in range(0, H, BLOCK_H):
-        hk = h0 + tl.arange(0, BLOCK_H)
-        kmask = hk < H
-        a = tl.load(h_ptr + rows[:, None] * stride_h + hk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_w + hk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        kmask = (h0 + tl.arange(0, BLOCK_H)) < H
+        a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
             a = a.to(ACC)
             b = b.to(ACC)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
     return acc
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sum_ptr, tgt_ptr, T, V, H, vocab_start, v_per_split,
-                stride_h, stride_w,
+def _fwd_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sum_ptr, tgt_ptr, z_ptr, T, V, H, vocab_start, v_per_split,
+                stride_h, stride_w, stride_z,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STORE_Z: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -68,6 +97,9 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sum_ptr, tgt_ptr, T, V, H, vocab_s
         cmask = cols < v_end
         z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, stride_h, stride_w,
                          BLOCK_T, BLOCK_V, BLOCK_H, ACC, UPCAST, PRECISION)
+        if STORE_Z:
+            tl.store(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], z,
+                     mask=rmask[:, None] & cmask[None, :])
         z = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -81,10 +113,10 @@ def _fwd_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sum_ptr, tgt_ptr, T, V, H, vocab_s
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, gh_ptr, gw_ptr, T, V, H, vocab_start,
-                stride_h, stride_w,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _grad_logits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, out_ptr, T, V, H, vocab_start,
+                        stride_h, stride_w, stride_o,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -99,31 +131,28 @@ def _bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, gh_ptr, gw_ptr, T, V, H, vo
                      BLOCK_T, BLOCK_V, BLOCK_H, ACC, UPCAST, PRECISION)
     hit = cols[None, :] == (y - vocab_start)[:, None]
     grad_z = tl.where(hit, g[:, None], 0.0) - g[:, None] * tl.exp(z - lse[:, None])
-    grad_z = tl.where(rmask[:, None] & cmask[None, :], grad_z, 0.0)
-    if not UPCAST:
-        grad_z = grad_z.to(h_ptr.dtype.element_ty)  # tensor-core operand dtype (fp32 stays fp32)
-    for h0 in range(0, H, BLOCK_H):
-        hk = h0 + tl.arange(0, BLOCK_H)
-        kmask = hk < H
-        wb = tl.load(w_ptr + cols[:, None] * stride_w + hk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        hb = tl.load(h_ptr + rows[:, None] * stride_h + hk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            wb = wb.to(ACC)
-            hb = hb.to(ACC)
-        dh = tl.dot(grad_z, wb, input_precision=PRECISION, out_dtype=ACC)
-        tl.atomic_add(gh_ptr + rows[:, None] * H + hk[None, :], dh, mask=rmask[:, None] & kmask[None, :])
-        dw = tl.dot(tl.trans(grad_z), hb, input_precision=PRECISION, out_dtype=ACC)
-        tl.atomic_add(gw_ptr + cols[:, None] * H + hk[None, :], dw, mask=cmask[:, None] & kmask[None, :])
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :],
+             grad_z.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-_fwd_tuned = triton.autotune(AUTOTUNE_CONFIGS, key=["H", "V"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(AUTOTUNE_CONFIGS, key=["H", "V"], reset_to_zero=["gh_ptr", "gw_ptr"])(_bwd_kernel)
+
+
+def _tuned(fn, select: dict):
+    return triton.autotune(tuning.autotune_configs(BLOCKS, select), key=["H", "V"],
+                           prune_configs_by={"early_config_prune": tuning.pruner(BLOCKS, select, "h_ptr")})(fn)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, SELECT)
+_fwd_store_tuned = _tuned(_fwd_kernel, SELECT_STORE_Z)
+_grad_logits_tuned = _tuned(_grad_logits_kernel, SELECT_GRAD)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _flags(dtype: torch.dtype) -> dict:
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    upcast = INTERPRET and dtype in (torch.bfloat16, torch.float16)
-    return {"ACC": acc, "UPCAST": upcast, "PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32"}
+    return gemm.flags(dtype)
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -138,18 +167,53 @@ def _blocks(block_t: int | None, block_v: int | None, H: int) -> dict | None:
     """Explicit launch meta-parameters, or None to autotune (GPU only)."""
     if block_t is None and block_v is None and not INTERPRET:
         return None
-    meta = dict(DEFAULT)
-    if INTERPRET:
-        meta.update(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16)
+    meta = dict(INTERPRET_META) if INTERPRET else tuning.as_dict(BLOCKS, SELECT_STORE_Z[("bfloat16", 90)][0])
     if block_t is not None:
         meta["BLOCK_T"] = block_t
     if block_v is not None:
         meta["BLOCK_V"] = block_v
     meta["BLOCK_H"] = min(meta["BLOCK_H"], max(16, triton.next_power_of_2(H)))
-    for k in ("BLOCK_T", "BLOCK_V", "BLOCK_H"):
+    for k in BLOCKS:
         if meta[k] < 16 or meta[k] & (meta[k] - 1):
             raise ValueError(f"target_logprob: {k}={meta[k]} must be a power of two >= 16 (tl.dot)")
     return meta
+
+
+def _gemm_meta(meta: dict | None) -> dict | None:
+    """GEMM launch config when the tile sizes are fixed (tests / interpreter), else None (autotune)."""
+    if meta is None:
+        return None
+    return gemm.INTERPRET_META if INTERPRET else None
+
+
+def logits_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                    meta: dict | None, z: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, sumexp, target logit) [T] of one shard; with ``z`` ([T, >= V] fp32, unit column stride) the
+    logits are also stored there. Inputs contiguous, T > 0."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    bt = meta["BLOCK_T"] if meta else 64
+    programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 4
+    n_split = max(1, min(triton.cdiv(V, SPLIT_ALIGN), programs // triton.cdiv(T, bt)))
+    v_per_split = triton.cdiv(triton.cdiv(V, n_split), SPLIT_ALIGN) * SPLIT_ALIGN
+    n_split = triton.cdiv(V, v_per_split)
+    mx = torch.empty(n_split, T, dtype=acc, device=hidden.device)
+    sm, tg = torch.empty_like(mx), torch.empty_like(mx)
+    y = targets.long().contiguous()
+    zz = z if z is not None else mx
+    args = (hidden, weight, y, mx, sm, tg, zz, T, V, H, vocab_start, v_per_split, hidden.stride(0), weight.stride(0),
+            zz.stride(0) if z is not None else 0)
+    fl = dict(_flags(hidden.dtype), STORE_Z=z is not None)
+    if meta is None:
+        tuned = _fwd_store_tuned if z is not None else _fwd_tuned
+        tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), n_split)](*args, **fl)
+    else:
+        _fwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]), n_split)](*args, **fl, **meta)
+    m = mx.max(dim=0).values
+    s = (sm * torch.exp(mx - m[None, :])).sum(dim=0)
+    return m, s, tg.sum(dim=0)
 
 
 def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
@@ -158,52 +222,23 @@ def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     """(max [T], sumexp [T] relative to max, target_logit [T]) over the shard, fp32 (fp64 for fp64)."""
     _check(hidden, weight, targets)
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    T, H = hidden.shape
-    V = weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if T == 0:
-        e = hidden.new_zeros(0, dtype=acc)
+    if hidden.shape[0] == 0:
+        e = hidden.new_zeros(0, dtype=acc_dtype(hidden.dtype))
         return e, e.clone(), e.clone()
-    meta = _blocks(block_t, block_v, H)
-    bt = meta["BLOCK_T"] if meta else 64
-    if hidden.is_cuda:
-        programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    else:
-        programs = 4
-    n_split = max(1, min(triton.cdiv(V, SPLIT_ALIGN), programs // triton.cdiv(T, bt)))
-    v_per_split = triton.cdiv(triton.cdiv(V, n_split), SPLIT_ALIGN) * SPLIT_ALIGN
-    n_split = triton.cdiv(V, v_per_split)
-    mx = torch.empty(n_split, T, dtype=acc, device=hidden.device)
-    sm, tg = torch.empty_like(mx), torch.empty_like(mx)
-    y = targets.long().contiguous()
-    args = (hidden, weight, y, mx, sm, tg, T, V, H, vocab_start, v_per_split, hidden.stride(0), weight.stride(0))
-    if meta is None:
-        _fwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), n_split)](*args, **_flags(hidden.dtype))
-    else:
-        launch = dict(meta)
-        _fwd_kernel[(triton.cdiv(T, launch["BLOCK_T"]), n_split)](*args, **_flags(hidden.dtype), **launch)
-    m = mx.max(dim=0).values
-    s = (sm * torch.exp(mx - m[None, :])).sum(dim=0)
-    return m, s, tg.sum(dim=0)
+    return logits_partials(hidden, weight, targets, vocab_start, _blocks(block_t, block_v, hidden.shape[1]))
 
 
-_BWD_CONFIGS: dict = {}
+def chunk_tokens(T: int, V: int, elem_bytes: int, budget: int) -> int:
+    """Tokens per backward chunk: a ``[chunk, V]`` buffer within ``budget`` bytes, a multiple of 256
+    (of 16 under the interpreter), at least one block, at most T."""
+    align = 16 if INTERPRET else 256
+    per_token = max(V, 1) * elem_bytes
+    return max(align, min(T, budget // per_token) // align * align) if T > align else max(T, 1)
 
 
-def _tuned_bwd_config(args: tuple, dtype: torch.dtype) -> dict:
-    """The autotuned backward launch config for this ``(H, V, dtype)`` (GPU): tuned once on scratch
-    gradient buffers (the autotuner re-runs the kernel and zeroes its atomic targets), so that the real
-    launch can accumulate into Megatron's ``main_grad`` exactly once."""
-    hidden, weight = args[0], args[1]
-    key = (hidden.shape[1], weight.shape[0], dtype)
-    if key not in _BWD_CONFIGS:
-        scratch = list(args)
-        scratch[5], scratch[6] = torch.zeros_like(args[5]), torch.zeros_like(args[6])
-        T, V = hidden.shape[0], weight.shape[0]
-        _bwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(V, m["BLOCK_V"]))](*scratch, **_flags(dtype))
-        cfg = _bwd_tuned.best_config
-        _BWD_CONFIGS[key] = cfg.all_kwargs()
-    return _BWD_CONFIGS[key]
+def padded(n: int) -> int:
+    """Row stride (elements) of a [rows, n] buffer: a multiple of 16 (aligned rows for vector loads)."""
+    return triton.cdiv(n, 16) * 16
 
 
 def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
@@ -213,32 +248,84 @@ def target_logprob_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     """(grad_hidden [T, H] of this shard, grad_weight [V_local, H]) in the input dtype.
 
     With ``main_grad`` (``[V_local, H]`` contiguous, the accumulation dtype: Megatron's fp32 grad buffer)
-    the kernel's atomics add grad_weight straight into it and None is returned in its place: no
-    ``[V_local, H]`` buffer is allocated (autotune needs one scratch buffer the first time a shape is
-    tuned, see :func:`_tuned_bwd_config`).
+    the weight-gradient GEMM adds straight into it and None is returned in its place: no ``[V_local, H]``
+    buffer is allocated. Memory beyond the gradients: one ``[chunk, V_local]`` G buffer
+    (``BWD_CHUNK_BYTES``).
     """
     _check(hidden, weight, targets)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T, H = hidden.shape
     V = weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden.dtype)
     if main_grad is not None and (main_grad.shape != (V, H) or main_grad.dtype != acc or not main_grad.is_contiguous()):
         raise ValueError(f"target_logprob_bwd: main_grad must be a contiguous {acc} [{V}, {H}] tensor, got "
                          f"{main_grad.dtype} {tuple(main_grad.shape)}")
-    gh = torch.zeros(T, H, dtype=acc, device=hidden.device)
-    if T == 0:
-        return gh.to(hidden.dtype), None if main_grad is not None else torch.zeros_like(weight)
+    gh = torch.empty(T, H, dtype=acc, device=hidden.device)
     gw = main_grad if main_grad is not None else torch.zeros(V, H, dtype=acc, device=hidden.device)
-    meta = _blocks(block_t, block_v, H)
-    args = (hidden, weight, targets.long().contiguous(), lse.to(acc).contiguous(), grad_logp.to(acc).contiguous(),
-            gh, gw, T, V, H, vocab_start, hidden.stride(0), weight.stride(0))
-    if meta is None and main_grad is None:
-        _bwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(V, m["BLOCK_V"]))](*args, **_flags(hidden.dtype))
-    else:
-        if meta is None:   # autotuning benchmarks by re-running the kernel: never on main_grad itself
-            meta = _tuned_bwd_config(args, hidden.dtype)
-        _bwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
-            *args, **_flags(hidden.dtype), **meta)
+    if T > 0:
+        meta = _blocks(block_t, block_v, H)
+        gmeta = _gemm_meta(meta)
+        y = targets.long().contiguous()
+        lse, g = lse.to(acc).contiguous(), grad_logp.to(acc).contiguous()
+        op_dtype = hidden.dtype  # G in the operand dtype: bf16 tiles for tensor cores, fp32 stays fp32
+        tc = chunk_tokens(T, V, hidden.element_size(), BWD_CHUNK_BYTES)
+        G = torch.empty(tc, padded(V), dtype=op_dtype, device=hidden.device)
+        fl = _flags(hidden.dtype)
+        for t0 in range(0, T, tc):
+            n = min(tc, T - t0)
+            hc = hidden[t0:t0 + n]
+            args = (hc, weight, y[t0:t0 + n], lse[t0:t0 + n], g[t0:t0 + n], G, n, V, H, vocab_start,
+                    hidden.stride(0), weight.stride(0), G.stride(0))
+            if meta is None:
+                _grad_logits_tuned[lambda m: (triton.cdiv(n, m["BLOCK_T"]), triton.cdiv(V, m["BLOCK_V"]))](*args, **fl)
+            else:
+                _grad_logits_kernel[(triton.cdiv(n, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
+                    *args, **fl, **meta)
+            Gc = G[:n, :V]
+            gemm.matmul(Gc, weight, gh[t0:t0 + n], accumulate=False, meta=gmeta)
+            gemm.matmul(Gc.t(), hc, gw, accumulate=True, meta=gmeta)
     if main_grad is not None:
         return gh.to(hidden.dtype), None
     return gh.to(hidden.dtype), gw.to(weight.dtype)
+
+
+# ---- compile specs (dapo_kernels.compile_check): argument types of a launch, the configurations ----
+def _sig(dtype: str, names: dict) -> dict:
+    from dapo_kernels.compile_check import triton_type
+
+    t = triton_type(dtype)
+    return {k: v.replace("IN", t) for k, v in names.items()}
+
+
+def _consts(dtype: str) -> dict:
+    return {"ACC": tl.float32, "UPCAST": False, "PRECISION": "ieee" if dtype == "float32" else "tf32"}
+
+
+_FWD_SIG = {"h_ptr": "*IN", "w_ptr": "*IN", "y_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+            "tgt_ptr": "*fp32", "z_ptr": "*fp32", "T": "i32", "V": "i32", "H": "i32", "vocab_start": "i32",
+            "v_per_split": "i32", "stride_h": "i32", "stride_w": "i32", "stride_z": "i32"}
+_GRAD_SIG = {"h_ptr": "*IN", "w_ptr": "*IN", "y_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32",
+             "out_ptr": "*IN", "T": "i32", "V": "i32", "H": "i32", "vocab_start": "i32", "stride_h": "i32",
+             "stride_w": "i32", "stride_o": "i32"}
+
+
+def _compile_specs():
+    from dapo_kernels.compile_check import KernelSpec
+
+    grid = lambda dt: [tuning.as_dict(BLOCKS, c) for c in GRID[dt]]  # noqa: E731
+
+    def sel(table):
+        return lambda dt, cc: [tuning.as_dict(BLOCKS, c) for c in table[(dt, cc)]]
+
+    aligned = ("H", "stride_h", "stride_w", "v_per_split", "stride_z", "stride_o")
+    return [
+        KernelSpec("target_logprob_fwd", _fwd_kernel, lambda dt: _sig(dt, _FWD_SIG),
+                   lambda dt: {**_consts(dt), "STORE_Z": False}, grid, sel(SELECT), aligned=aligned),
+        KernelSpec("fused_loss_logits (fwd + store z)", _fwd_kernel, lambda dt: _sig(dt, _FWD_SIG),
+                   lambda dt: {**_consts(dt), "STORE_Z": True}, grid, sel(SELECT_STORE_Z), aligned=aligned),
+        KernelSpec("target_logprob_grad_logits", _grad_logits_kernel, lambda dt: _sig(dt, _GRAD_SIG), _consts, grid,
+                   sel(SELECT_GRAD), aligned=aligned),
+    ]
+
+
+COMPILE_SPECS = _compile_specs()

@@ -1,7 +1,16 @@
-"""Benchmark of the fused target log-prob op against the naive PyTorch path.
+"""Benchmark of the fused target log-prob op and the fused DAPO-loss op against the PyTorch paths.
 
-naive: ``logits = h @ W.T; log_softmax(logits.float()); gather`` (autograd), materialising [T, V].
-fused: :func:`dapo_mcore.ops.fused_target_logprob` (C++ on CPU, Triton on CUDA).
+Log-prob rows: naive ``logits = h @ W.T; log_softmax(logits.float()); gather`` (autograd, [T, V]) vs
+:func:`dapo_mcore.ops.fused_target_logprob` (C++ on CPU, Triton on CUDA).
+
+DAPO-loss rows (fwd+bwd of the actor's loss from hidden states, actions of ``ACTION_TOKENS`` tokens,
+``normalizer=1`` as in the actor): ``loss_naive`` = naive log-probs + the loss formula by autograd;
+``loss_chunked`` = the token-chunked PyTorch method NeMo-RL / NeMo-Automodel ship (chunks of 1024 tokens,
+per-chunk ``logsumexp`` and gather under activation checkpointing: the backward recomputes each chunk's
+logits) + the loss formula; ``loss_fused`` = :func:`dapo_mcore.ops.fused_dapo_loss` (logits once);
+``floor`` = 3 x the time of ``torch.mm(h, W.T)`` measured in the same run: 6·T·H·V at torch.mm's rate, the
+GEMM work of any method that computes the logits once (``cpu_fused_loss_gemm_floor_fraction`` = floor /
+fused time, 1.0 = at the floor).
 
 Each (variant, mode, dtype) runs in a fresh subprocess so the CPU peak memory is the process's
 RSS high-water mark (``ru_maxrss``) minus the mark right after the inputs were allocated.
@@ -51,7 +60,7 @@ class Case:
     V: int
     dtype: str = "float32"
     device: str = "cpu"
-    variant: str = "fused"   # fused | naive
+    variant: str = "fused"   # fused | naive | loss_fused | loss_naive | loss_chunked | gemm_floor
     mode: str = "fwd_bwd"    # fwd | fwd_bwd
     wgrad: str = "main_grad"  # main_grad | returned (fwd_bwd only; see the module docstring)
     warmup: int = 1
@@ -64,12 +73,18 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+ACTION_TOKENS = 32   # tokens per action in the DAPO-loss rows
+CHUNK_TOKENS = 1024  # tokens per chunk of the chunked baseline
+BETA = 0.02
+
+
 def run_case(c: Case) -> dict:
     """Run one case in this process; returns times (s) and peak memory (MiB)."""
     import torch
 
-    from dapo_mcore.ops import fused_target_logprob
-    from dapo_mcore.ops.reference import naive_target_logprob
+    from dapo_mcore.ops import fused_dapo_loss, fused_target_logprob
+    from dapo_mcore.ops.reference import (chunked_target_logprob, dapo_loss_reference, naive_dapo_loss,
+                                          naive_target_logprob)
 
     dev = torch.device(c.device)
     torch.manual_seed(0)
@@ -78,6 +93,18 @@ def run_case(c: Case) -> dict:
     w = torch.empty(c.V, c.H, dtype=_dtype(c.dtype), device=dev).normal_(0.0, 0.05).requires_grad_()
     y = torch.randint(0, c.V, (c.T,), device=dev)
     g = torch.randn(c.T, device=dev)
+    seg = torch.arange(c.T, device=dev) // ACTION_TOKENS
+    ref_logp = -3.0 * torch.rand(c.T, device=dev)
+    adv = 0.05 * torch.randn(int(seg[-1]) + 1 if c.T else 0, device=dev)
+
+    def loss_fn(hh, ww, yy):  # the DAPO-loss variants
+        if c.variant == "loss_fused":
+            return fused_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, normalizer=1.0).loss
+        if c.variant == "loss_naive":
+            return naive_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, 1.0)[0]
+        lp = chunked_target_logprob(hh, ww, yy, CHUNK_TOKENS)
+        return dapo_loss_reference(lp, ref_logp, seg, adv, BETA, 1.0)[0]
+
     fn = fused_target_logprob if c.variant == "fused" else naive_target_logprob
     keep = []
     if c.mode == "fwd_bwd" and c.wgrad == "main_grad":
@@ -94,7 +121,16 @@ def run_case(c: Case) -> dict:
         keep[0].register_hook(ddp_hook)
 
     def step() -> None:
-        if c.mode == "fwd":
+        if c.variant == "gemm_floor":
+            with torch.no_grad():
+                torch.mm(h, w.t())
+        elif c.variant.startswith("loss_"):
+            if hasattr(w, "grad_added_to_main_grad"):
+                w.grad_added_to_main_grad = False
+            loss_fn(h, w, y).backward()
+            h.grad = None
+            w.grad = None
+        elif c.mode == "fwd":
             with torch.no_grad():
                 fn(h, w, y)
         else:
@@ -209,6 +245,41 @@ def compare(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeat
     return rows
 
 
+def loss_table(rows: list[dict]) -> str:
+    lines = ["| shape (T, H, V) | dtype | naive (s) | chunked (s) | fused (s) | 6THV floor (s) | fused vs naive | "
+             "fused vs chunked | floor / fused | naive peak (MiB) | chunked peak (MiB) | fused peak (MiB) | "
+             "fused / naive mem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']}, {r['H']}, {r['V']} | {r['dtype']} | {r['naive_s']:.3f} | {r['chunked_s']:.3f} | "
+                     f"{r['fused_s']:.3f} | {r['floor_s']:.3f} | {r['speedup']:.2f}x | {r['vs_chunked']:.2f}x | "
+                     f"{r['floor_fraction']:.2f} | {r['naive_mib']:.0f} | {r['chunked_mib']:.0f} | "
+                     f"{r['fused_mib']:.0f} | {r['mem_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def compare_loss(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int) -> dict:
+    """DAPO-loss fwd+bwd: naive / chunked / fused (weight gradient into a persistent fp32 main_grad, as under
+    Megatron DDP) and the GEMM floor, variants alternating over ``rounds`` fresh processes, best run each."""
+    res: dict[str, list[dict]] = {v: [] for v in ("loss_naive", "loss_chunked", "loss_fused", "gemm_floor")}
+    for _ in range(rounds):
+        for v in res:
+            res[v].append(spawn(Case(T, H, V, dtype, device, v, "fwd_bwd", "main_grad", warmup, repeats)))
+    best = {v: {"time_s": min(r["time_s"] for r in rs), "peak_mib": max(r["peak_mib"] for r in rs)}
+            for v, rs in res.items()}
+    floor = 3 * best["gemm_floor"]["time_s"]
+    row = {"T": T, "H": H, "V": V, "dtype": dtype, "device": device,
+           "naive_s": best["loss_naive"]["time_s"], "chunked_s": best["loss_chunked"]["time_s"],
+           "fused_s": best["loss_fused"]["time_s"], "floor_s": floor,
+           "gemm_gflops": 2.0 * T * H * V / best["gemm_floor"]["time_s"] / 1e9,
+           "naive_mib": best["loss_naive"]["peak_mib"], "chunked_mib": best["loss_chunked"]["peak_mib"],
+           "fused_mib": best["loss_fused"]["peak_mib"]}
+    row.update(speedup=row["naive_s"] / row["fused_s"], vs_chunked=row["chunked_s"] / row["fused_s"],
+               floor_fraction=floor / row["fused_s"], mem_ratio=row["fused_mib"] / max(row["naive_mib"], 1e-9))
+    print(loss_table([row]).splitlines()[-1], flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU only, T=512, fp32, one timed run per variant")
@@ -218,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight-gradient setting(s) of the fwd+bwd rows (default both; see the docstring)")
     ap.add_argument("--dtype", choices=("both", "float32", "bfloat16"), default="both", help="CPU dtypes (full run)")
     ap.add_argument("--mode", choices=("both", "fwd", "fwd_bwd"), default="both")
+    ap.add_argument("--what", choices=("all", "logprob", "loss"), default="all",
+                    help="the log-prob op rows, the DAPO-loss rows, or both (default)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(run_case(Case(**json.loads(args.worker)))))
@@ -230,14 +303,24 @@ def main(argv: list[str] | None = None) -> None:
     print(table([]))
     wgrads = ("main_grad", "returned") if args.wgrad == "both" else (args.wgrad,)
     modes = ("fwd", "fwd_bwd") if args.mode == "both" else (args.mode,)
-    if args.quick:
-        cpu_rows = compare(512, 896, 151936, "float32", "cpu", warmup=0, repeats=1, rounds=1, wgrads=wgrads,
-                           modes=modes)
-    else:
-        cpu_rows = []
-        for dt in (("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)):
-            cpu_rows += compare(2048, 896, 151936, dt, "cpu", warmup=1, repeats=1, rounds=2, wgrads=wgrads,
-                                modes=modes)
+    dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
+    cpu_rows, loss_rows = [], []
+    if args.what in ("all", "logprob"):
+        if args.quick:
+            cpu_rows = compare(512, 896, 151936, "float32", "cpu", warmup=0, repeats=1, rounds=1, wgrads=wgrads,
+                               modes=modes)
+        else:
+            for dt in dtypes:
+                cpu_rows += compare(2048, 896, 151936, dt, "cpu", warmup=1, repeats=1, rounds=2, wgrads=wgrads,
+                                    modes=modes)
+    if args.what in ("all", "loss"):
+        print("\nDAPO loss from hidden states, fwd+bwd, weight gradient into main_grad (actions of "
+              f"{ACTION_TOKENS} tokens; chunked = {CHUNK_TOKENS}-token chunks with recompute):")
+        print(loss_table([]))
+        for dt in (("float32",) if args.quick else dtypes):
+            T = 512 if args.quick else 2048
+            loss_rows.append(compare_loss(T, 896, 151936, dt, "cpu", warmup=0 if args.quick else 1, repeats=1,
+                                          rounds=1 if args.quick else 2))
     gpu_rows = []
     if torch.cuda.is_available() and not args.quick:
         for H in (3584, 8192):
@@ -259,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"load average at the end: {Path('/proc/loadavg').read_text().split()[:3]} (other jobs on a shared "
               "CPU inflate both variants' times)")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_rows, "gpu": gpu_rows}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_rows, "gpu": gpu_rows, "cpu_loss": loss_rows}, indent=1))
 
     tag = "cpu_quick" if args.quick else "cpu"
     for r in cpu_rows:
@@ -272,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"RESULT {name}_fwd_bwd_cpu_time_ratio {r['cpu_speedup']:.2f} x")
         print(f"RESULT {name}_peak_mem_ratio {r['mem_ratio']:.3f} x")
         print(f"RESULT {name}_peak_mem_ratio_beyond_grad_outputs {r['mem_ratio_excl_grads']:.3f} x")
+    for r in loss_rows:
+        name = tag + ("" if r["dtype"] == "float32" else f"_{r['dtype']}") + "_fused_loss"
+        print(f"RESULT {name}_fwd_bwd_speedup {r['speedup']:.2f} x")
+        print(f"RESULT {name}_speedup_vs_chunked {r['vs_chunked']:.2f} x")
+        print(f"RESULT {name}_gemm_floor_fraction {r['floor_fraction']:.2f} x")
+        print(f"RESULT {name}_peak_mem_ratio {r['mem_ratio']:.3f} x")
     for r in gpu_rows:
         if r["mode"] == "fwd_bwd":
             name = f"gpu_T{r['T']}_H{r['H']}_V{r['V']}" + ("" if r["wgrad"] == "main_grad" else "_returned_wgrad")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def make_groups(n_states: int, n_act: int, ls: int, la: int, vocab: int, seed: int = 0):
-    from dapo_mcore.actor.batching import ActionGroup
+    from dapo_mcore.training.logprobs import ActionGroup
 
     g = torch.Generator().manual_seed(seed)
     groups = []
@@ -52,16 +52,16 @@ def main() -> None:
     if a.quick:
         a.states, a.hidden, a.layers = 48, 128, 2
 
-    from dapo_mcore.actor.batching import dapo_forward_step, pack_action_groups
-    from dapo_mcore.actor.train import state_batches
-    from dapo_mcore.critic.score import ScoreGroup, score_groups
+    from dapo_mcore.actor.train import dapo_forward_step, state_batches
     from dapo_mcore.models.convert import load_hf_weights
     from dapo_mcore.models.gpt import build_model_chunks
     from dapo_mcore.models.hf_config import load_arch, transformer_config
-    from dapo_mcore.models.tiny import bench_checkpoint
     from dapo_mcore.packing import dp_share
     from dapo_mcore.parallel.runtime import ParallelConfig, initialize_parallel
+    from dapo_mcore.tasks.tiny import bench_checkpoint
+    from dapo_mcore.training.logprobs import pack_action_groups
     from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+    from dapo_mcore.training.values import ScoreGroup, score_groups
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_packing_"))
     ck = bench_checkpoint(tmp / "m", a.hidden, a.layers)

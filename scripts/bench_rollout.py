@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Benchmark: the mc stage (N completions per state) on a tiny model, with and without prefix-KV
-reuse in the embedded engine, in the same run.
+"""Benchmark: the mc stage (N completions per state) on a tiny model, in the embedded engine without
+prefix-KV reuse, with reuse within a state (its N samples share the prefix) and with the radix
+cache (also across states: the states of a solution are nested prefixes, the solutions of a problem
+share the prompt and their first steps), in the same run.
 
 Builds a random tiny Qwen2 model (default hidden 256, 4 layers: big enough that prefill costs),
-writes a generate-stage output of long chain-task solutions (every state >= --min-state-tokens),
-runs ``run_mc`` twice (prefix_reuse on / off; same seeds) and prints::
+writes a generate-stage output of long chain-task solutions (every state >= --min-state-tokens;
+--solutions per problem: the true one, and one that leaves it after two steps), runs ``run_mc``
+three times (same seeds, same batches) and prints::
 
-    RESULT mc_samples_per_s_reuse <v> samples/s
+    RESULT mc_samples_per_s_reuse <v> samples/s      (reuse within a state)
     RESULT mc_samples_per_s_no_reuse <v> samples/s
     RESULT mc_reuse_speedup <v> x
-    RESULT mc_prompt_cache_fraction <v> fraction     (prompt tokens served from cache, reuse run)
+    RESULT mc_prompt_cache_fraction <v> fraction     (prompt tokens served from cache, within-state run)
     RESULT mc_identical_completions <v> fraction     (same tokens in both runs: reuse is exact)
+    RESULT mc_samples_per_s_radix <v> samples/s      (radix cache: reuse across states too)
+    RESULT mc_prompt_cache_fraction_radix <v> fraction
+    RESULT mc_identical_completions_radix <v> fraction   (radix run vs no-reuse run)
+    RESULT mc_radix_speedup <v> x                    (samples/s with cross-state reuse over within-state)
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_rollout.py [--states 32 --n 16 ...]
 """
@@ -28,29 +35,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dapo_mcore.data.shards import ShardedWriter, iter_records  # noqa: E402
-from dapo_mcore.models.tiny import TinyModelConfig, build_tiny_checkpoint  # noqa: E402
+from dapo_mcore.mc.stage import MCConfig, run_mc  # noqa: E402
 from dapo_mcore.rollout.common import BackendConfig  # noqa: E402
-from dapo_mcore.rollout.mc import MCConfig, run_mc  # noqa: E402
+from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig  # noqa: E402
+from dapo_mcore.tasks.tiny import TinyModelConfig, build_tiny_checkpoint  # noqa: E402
 from dapo_mcore.tasks.chain import make_problems  # noqa: E402
 
 PREAMBLE = "Apply the operations one at a time. Write one line per operation, then the answer line. "
 
 
-def write_solutions(work: Path, tok, n_problems: int, n_ops: int, min_state: int) -> tuple[Path, list[int]]:
-    """A generate-stage output with one correct solution per problem; returns (dir, state lengths)."""
+def write_solutions(work: Path, tok, n_problems: int, n_ops: int, min_state: int,
+                    n_solutions: int = 1) -> tuple[Path, list[int]]:
+    """A generate-stage output with the correct solution of every problem and, with ``n_solutions=2``,
+    a wrong one that leaves it after two steps; returns (dir, prompt lengths)."""
     probs = make_problems(n_problems, seed=7, n_ops=(n_ops, n_ops))
     pre = PREAMBLE
     while len(tok(pre + probs[0].prompt)["input_ids"]) < min_state:
         pre += PREAMBLE
-    w = ShardedWriter(work / "gen", "generate", {"bench": [n_problems, n_ops, min_state]}, "parquet", overwrite=True)
+    w = ShardedWriter(work / "gen", "generate", {"bench": [n_problems, n_ops, min_state, n_solutions]}, "parquet",
+                      overwrite=True)
     recs, lens = [], []
     for p in probs:
         pids = tok(pre + p.prompt)["input_ids"]
-        sol = tok(p.solution())["input_ids"] + [tok.eos_token_id]
+        lines = p.solution().split("\n")
+        texts = [(p.solution(), 1.0), ("\n".join(lines[:2] + [lines[2] + "1"] + lines[3:]), 0.0)][:n_solutions]
+        sols = [{"sample_index": i, "output_ids": tok(t)["input_ids"] + [tok.eos_token_id], "text": t, "reward": r,
+                 "finish": "stop"} for i, (t, r) in enumerate(texts)]
         recs.append({"problem_id": p.id, "prompt": pre + p.prompt, "answer": p.answer, "prompt_ids": pids,
-                     "num_samples": 1, "num_correct": 1, "rewards": [1.0],
-                     "solutions": [{"sample_index": 0, "output_ids": sol, "text": p.solution(), "reward": 1.0,
-                                    "finish": "stop"}]})
+                     "num_samples": len(sols), "num_correct": 1, "rewards": [s["reward"] for s in sols],
+                     "solutions": sols})
         lens.append(len(pids))
     w.write_shard(0, recs)
     w.finalize(1)
@@ -60,7 +73,9 @@ def write_solutions(work: Path, tok, n_problems: int, n_ops: int, min_state: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=4)
-    ap.add_argument("--ops", type=int, default=6, help="steps per solution (states per problem = ops + 2)")
+    ap.add_argument("--ops", type=int, default=6, help="steps per solution (states per solution = ops + 2)")
+    ap.add_argument("--solutions", type=int, choices=(1, 2), default=2,
+                    help="kept solutions per problem (2: the second shares the prompt and the first two steps)")
     ap.add_argument("--n", type=int, default=16, help="completions per state (N)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--min-state-tokens", type=int, default=128)
@@ -80,35 +95,76 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    gen, prompt_lens = write_solutions(work, tok, a.problems, a.ops, a.min_state_tokens)
+    gen, prompt_lens = write_solutions(work, tok, a.problems, a.ops, a.min_state_tokens, a.solutions)
+    # the same mc config (seeds, batches) for every engine mode; the engine is built before the clock starts
+    modes = {"no_reuse": dict(prefix_reuse=False), "within_state": dict(radix_cache_bytes=0), "radix": dict()}
+    model = None
     out = {}
-    for reuse in (True, False):
+    for mode, kw in modes.items():
+        engine = EmbeddedEngine(EngineConfig(str(ckpt), max_batch_rows=a.max_batch_rows, **kw), model=model)
+        model = engine.model
         cfg = MCConfig(str(ckpt), num_completions=a.n, max_new_tokens=a.max_new_tokens, shard_size=10_000,
-                       batch_requests=max(1, a.max_batch_rows // a.n), show_progress=False,
-                       backend=BackendConfig("embedded", prefix_reuse=reuse, max_batch_rows=a.max_batch_rows))
-        t0 = time.perf_counter()
-        s = run_mc(cfg, gen, work / f"mc_{'reuse' if reuse else 'plain'}", overwrite=True)
-        wall = time.perf_counter() - t0
-        out[reuse] = (s, wall, list(iter_records(work / f"mc_{'reuse' if reuse else 'plain'}")))
-        th = s["throughput"]
-        print(f"prefix_reuse={reuse}: {th['samples']} samples, {s['states'] - s['terminal_states']} states, "
+                       batch_requests=max(1, a.max_batch_rows // a.n), show_progress=False)
+        t0, c0 = time.perf_counter(), time.process_time()
+        s = run_mc(cfg, gen, work / f"mc_{mode}", backend=engine, overwrite=True)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out[mode] = (s, wall, list(iter_records(work / f"mc_{mode}")))
+        th, st = s["throughput"], engine.stats
+        print(f"{mode}: {th['samples']} samples, {s['states'] - s['terminal_states']} states, "
               f"{th['seconds']:.1f} s, {th['samples_per_s']:.1f} samples/s, {th['tokens_per_s']:.0f} tok/s, "
-              f"cache {th['cache_hit_rate']:.1%} (stage wall {wall:.1f} s)", flush=True)
-    same = total = 0
-    for ra, rb in zip(out[True][2], out[False][2]):
-        for ca, cb in zip(ra["completions"], rb["completions"]):
-            total += 1
-            same += ca["output_ids"] == cb["output_ids"]
-    state_lens = [len(r["prompt_ids"]) + sum(len(x) for x in r["step_ids"]) for r in out[True][2] if not r["terminal"]]
+              f"cache {th['cache_hit_rate']:.1%}, prompt tokens run {st.prompt_tokens - st.cached_tokens} "
+              f"of {st.prompt_tokens} (stage wall {wall:.1f} s, process cpu {cpu:.1f} s)", flush=True)
+
+    def identical(x: str, y: str) -> float:
+        pairs = [(ca["output_ids"], cb["output_ids"]) for ra, rb in zip(out[x][2], out[y][2])
+                 for ca, cb in zip(ra["completions"], rb["completions"])]
+        return sum(p == q for p, q in pairs) / max(len(pairs), 1)
+
+    state_lens = [len(r["prompt_ids"]) + sum(len(x) for x in r["step_ids"]) for r in out["radix"][2] if not r["terminal"]]
     print(json.dumps({"min_state_tokens": min(state_lens), "mean_state_tokens": sum(state_lens) / len(state_lens),
-                      "model": mcfg.__dict__, "N": a.n, "threads": a.threads}))
-    r1 = out[True][0]["throughput"]["samples_per_s"]
-    r0 = out[False][0]["throughput"]["samples_per_s"]
-    print(f"RESULT mc_samples_per_s_reuse {r1:.2f} samples/s")
-    print(f"RESULT mc_samples_per_s_no_reuse {r0:.2f} samples/s")
-    print(f"RESULT mc_reuse_speedup {r1 / r0:.2f} x")
-    print(f"RESULT mc_prompt_cache_fraction {out[True][0]['throughput']['cache_hit_rate']:.4f} fraction")
-    print(f"RESULT mc_identical_completions {same / max(total, 1):.4f} fraction")
+                      "solutions_per_problem": a.solutions, "model": mcfg.__dict__, "N": a.n, "threads": a.threads}))
+    rate = {m: out[m][0]["throughput"]["samples_per_s"] for m in modes}
+    frac = {m: out[m][0]["throughput"]["cache_hit_rate"] for m in modes}
+    print(f"RESULT mc_samples_per_s_reuse {rate['within_state']:.2f} samples/s")
+    print(f"RESULT mc_samples_per_s_no_reuse {rate['no_reuse']:.2f} samples/s")
+    print(f"RESULT mc_reuse_speedup {rate['within_state'] / rate['no_reuse']:.2f} x")
+    print(f"RESULT mc_prompt_cache_fraction {frac['within_state']:.4f} fraction")
+    print(f"RESULT mc_identical_completions {identical('within_state', 'no_reuse'):.4f} fraction")
+    print(f"RESULT mc_samples_per_s_radix {rate['radix']:.2f} samples/s")
+    print(f"RESULT mc_prompt_cache_fraction_radix {frac['radix']:.4f} fraction")
+    print(f"RESULT mc_identical_completions_radix {identical('radix', 'no_reuse'):.4f} fraction")
+    print(f"RESULT mc_radix_speedup {rate['radix'] / rate['within_state']:.2f} x")
+    bench_sglang(ckpt, gen, work, a.n, a.max_new_tokens, max(1, a.max_batch_rows // a.n), out["radix"][0])
+
+
+def bench_sglang(ckpt: Path, gen: Path, work: Path, n: int, max_new_tokens: int, batch_requests: int,
+                 embedded_summary: dict) -> None:
+    """The same mc workload (same states, same N) on the real SGLang CPU server (one server launched
+    by the fleet with the CPU flags, radix cache on), beside the embedded engine's figures. Prints
+    ``RESULT mc_sglang_samples_per_s`` and ``RESULT mc_sglang_prompt_cache_fraction``; skipped with a
+    message when the SGLang venv (scripts/setup.sh --sglang) is absent. The server's start-up is not
+    timed: samples/s is the mc stage's own meter, from the first request on."""
+    import subprocess
+
+    from dapo_mcore.rollout.fleet import resolve_python, serving
+
+    cfg = BackendConfig("sglang", launch=True, port=0, device="cpu", concurrency=batch_requests,
+                        server_args=["--max-total-tokens", "65536"], log_dir=str(work / "sglang-logs"))
+    py = resolve_python(cfg)
+    if not Path(py).exists() or subprocess.run([py, "-c", "import importlib.util as u, sys; "
+                                                "sys.exit(0 if u.find_spec('sglang') else 1)"]).returncode:
+        print(f"SKIP mc on the real SGLang server: no SGLang venv ({py}); run scripts/setup.sh --sglang", flush=True)
+        return
+    mcfg = MCConfig(str(ckpt), num_completions=n, max_new_tokens=max_new_tokens, shard_size=10_000,
+                    batch_requests=batch_requests, show_progress=False, backend=cfg)
+    with serving(cfg, ckpt) as backend:
+        s = run_mc(mcfg, gen, work / "mc_sglang", backend=backend, overwrite=True)
+    th, emb = s["throughput"], embedded_summary["throughput"]
+    print(f"sglang server: {th['samples']} samples, {th['seconds']:.1f} s, {th['samples_per_s']:.1f} samples/s, "
+          f"cache {th['cache_hit_rate']:.1%} | embedded (radix cache): {emb['samples_per_s']:.1f} samples/s, "
+          f"cache {emb['cache_hit_rate']:.1%}", flush=True)
+    print(f"RESULT mc_sglang_samples_per_s {th['samples_per_s']:.2f} samples/s")
+    print(f"RESULT mc_sglang_prompt_cache_fraction {th['cache_hit_rate']:.4f} fraction")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ micro-batch. Both variants run the same model, data, steps and loss (``value_for
 the batch layout differs: ``dense_mask`` = rows padded to the longest row of the micro-batch with a
 ``[b, 1, L, L]`` block-diagonal mask; ``thd`` = the micro-batch's real tokens concatenated into ``[1, T]``
 with ``PackedSeqParams(cu_seqlens)`` (no padding), through the CPU varlen core attention
-(:class:`dapo_mcore.parallel.fast_paths.ThdCoreAttention`; Transformer Engine's on a GPU).
+(:class:`dapo_mcore.models.attention.ThdCoreAttention`; Transformer Engine's on a GPU).
 
 The token and attention-entry ratios are exact counts (they carry over to a GPU); the CPU time is what this
 machine gives with per-document SDPA calls (a GPU varlen kernel launches once per micro-batch).
@@ -63,7 +63,7 @@ def main() -> None:
     from dapo_mcore.models.convert import load_hf_weights
     from dapo_mcore.models.gpt import build_model_chunks
     from dapo_mcore.models.hf_config import load_arch, transformer_config
-    from dapo_mcore.models.tiny import bench_checkpoint
+    from dapo_mcore.tasks.tiny import bench_checkpoint
     from dapo_mcore.packing import dp_share
     from dapo_mcore.parallel.fast_paths import PORTABLE
     from dapo_mcore.parallel.runtime import ParallelConfig, initialize_parallel

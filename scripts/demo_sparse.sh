@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The sparse-reward demo (issue #17; `scripts/demo.sh --sparse`), from nothing:
 #   1. set-up if needed,
-#   2. the sparse chain task (8-10 steps; the reference drops carries and slips at random steps) and its
+#   2. the sparse chain task (8-10 steps; the reference drops a needed carry 85% of the time) and its
 #      reference policy (python -m dapo_mcore.tasks.sparse prepare; reused when already built),
-#   3. per seed one `dapo-mcore run examples/demo/sparse.yaml`: DAPO with the learned critic, iterative DAPO
-#      (a second iteration), outcome-only advantages and RFT, all at the same generation budget,
+#   3. per seed one `dapo-mcore run examples/demo/sparse.yaml`: DAPO with the learned critic, outcome-only
+#      advantages and RFT at the same generation budget, and iterative DAPO (a second iteration, which
+#      samples again: its budget is printed apart),
 #   4. the table over seeds with Wilson intervals, paired differences, the budget and RESULT lines
 #      (<out>/RESULTS.md). The RESULT time counts steps 3-4 (the demo from a prepared reference).
 # Usage: scripts/demo_sparse.sh [OUT_DIR=runs/sparse]   env: SEEDS="0 1 2", JOBS=3, DEMO_OVERRIDES="k=v ..."

@@ -2,8 +2,8 @@
 # Run any Megatron stage of dapo-mcore on this node of a (multi-node) torchrun job.
 #
 #   scripts/launch_torchrun.sh --nnodes 4 --node-rank 0 --master-addr node0 --nproc-per-node 8 \
-#       --tp 8 --pp 4 -- python -m dapo_mcore.critic.train --mc out/mc --init /ckpt --out out/critic
-#   scripts/launch_torchrun.sh ... --dry-run -- dapo-mcore actor config.yaml   # print the command only
+#       --tp 8 --pp 4 -- dapo-mcore train-critic config.yaml
+#   scripts/launch_torchrun.sh ... --dry-run -- dapo-mcore train-actor config.yaml   # print the command only
 #
 # Rendezvous (flag, else environment, else default):
 #   --nnodes N          $NNODES, $SLURM_NNODES, 1
@@ -12,12 +12,12 @@
 #   --master-port P     $MASTER_PORT, 29500
 #   --nproc-per-node G  $NPROC_PER_NODE, $SLURM_GPUS_ON_NODE, number of GPUs (nvidia-smi -L), 1
 #   --python BIN        $PYTHON, python3
-# Layout flags (the same everywhere: dapo-mcore plan, slurm_dapo.sbatch, the stage CLIs); each flag
+# Layout flags (the same everywhere: dapo-mcore plan, slurm_dapo.sbatch, the stage commands); each flag
 # given is checked against the world size and appended, spelled the same, to the stage command:
 #   --tp N --pp N --vpp N --dp N --sequence-parallel --micro-batch N --global-batch N --recompute none|full
 #   (--dp is only checked: DP = nnodes * nproc-per-node / (TP * PP); it is not forwarded)
 # Command after `--`: `python -m pkg.mod ARGS`, `-m pkg.mod ARGS`, `script.py ARGS` or any executable
-# (`dapo-mcore stage CONFIG`, run with torchrun --no-python).
+# (`dapo-mcore train-critic CONFIG`, run with torchrun --no-python).
 set -euo pipefail
 
 die() { echo "launch_torchrun.sh: $*" >&2; exit 2; }

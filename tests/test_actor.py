@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_mcore.actor.advantage import advantages, keep_state, ranking_agreement, select_q, unique_actions
-from dapo_mcore.actor.batching import ActionGroup, pack_action_groups
 from dapo_mcore.actor.train import state_batches
+from dapo_mcore.advantage.core import advantages, keep_state, ranking_agreement, select_q, unique_actions
+from dapo_mcore.training.logprobs import ActionGroup, pack_action_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
@@ -71,12 +71,15 @@ def test_pack_action_groups_targets_and_sharing():
 
 @pytest.fixture(scope="module")
 def advantage_dir(tiny_qwen2, synthetic_mc, tmp_path_factory):
-    """The advantage stage (outcome advantages, ref log-probs from the tiny policy) on the synthetic mc data."""
-    from conftest import run_torchrun
+    """The advantage stage (outcome advantages, ref log-probs from the tiny policy) on the synthetic mc data, as
+    the pipeline launches it (a torchrun job of the worker)."""
+    from conftest import run_stage_job
 
-    out = tmp_path_factory.mktemp("adv")
-    run_torchrun("dapo_mcore.actor.advantage", 1, "--mc", synthetic_mc, "--source", "outcome", "--reference",
-                 tiny_qwen2, "--out", out, "--shard-size", "40", "--token-budget", "256")
+    from dapo_mcore.advantage.stage import AdvantageConfig
+
+    out = tmp_path_factory.mktemp("adv") / "advantage"
+    run_stage_job("advantage", AdvantageConfig(source="outcome", reference_path=str(tiny_qwen2), shard_size=40,
+                                               token_budget=256), synthetic_mc, out)
     return out
 
 
@@ -155,17 +158,26 @@ def test_dapo_step_shared_prefix_equals_unpacked_and_tp_pp(advantage_dir, tiny_q
         assert rel <= 3e-5, f"vs transformers {k}: {rel:.2e}"
 
 
+ACTOR = "actor: {beta: 0.3, lr: 1e-4, global_batch_actions: %d, token_budget: 256, epochs: 1, show_progress: false}\n"
+
+
 @pytest.mark.dist
-def test_actor_stage_resume_equals_uninterrupted(advantage_dir, tiny_qwen2, torchrun, tmp_path):
+def test_actor_stage_resume_equals_uninterrupted(advantage_dir, tiny_qwen2, tmp_path):
+    """`dapo-mcore train-actor CONFIG actor.max_steps=2` stops resumably (exit 2, no summary, stamp unfinished);
+    the same command without it resumes: the same per-step losses and the bit-identical policy."""
+    from conftest import run_cli, stage_run
+
     from dapo_mcore.models.convert import iter_hf_tensors
 
-    common = ["--adv", advantage_dir, "--init", tiny_qwen2, "--beta", "0.3", "--lr", "1e-4",
-              "--global-batch-actions", "64", "--token-budget", "256", "--epochs", "1"]
     full, part = tmp_path / "full", tmp_path / "part"
-    torchrun("dapo_mcore.actor.train", 1, *common, "--out", full)
-    torchrun("dapo_mcore.actor.train", 1, *common, "--out", part, "--max-steps", "2")
-    assert not (part / "summary.json").exists()
-    torchrun("dapo_mcore.actor.train", 1, *common, "--out", part)
+    cfgs = {r: stage_run(r, tiny_qwen2, ["actor"], {"advantage": advantage_dir}, ACTOR % 64) for r in (full, part)}
+    run_cli("train-actor", cfgs[full])
+    stop = run_cli("train-actor", cfgs[part], "actor.max_steps=2", check=False)
+    assert stop.returncode == 2 and "stopped after max_steps (2/" in stop.stderr, stop.stderr[-2000:]
+    assert not (part / "iter_0" / "actor" / "summary.json").exists()
+    assert not json.loads((part / "iter_0" / "actor" / "stage.json").read_text())["finished"]
+    run_cli("train-actor", cfgs[part])
+    full, part = full / "iter_0" / "actor", part / "iter_0" / "actor"
     la = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert len(la) >= 3 and [r["loss"] for r in la] == [r["loss"] for r in lb]
@@ -174,37 +186,42 @@ def test_actor_stage_resume_equals_uninterrupted(advantage_dir, tiny_qwen2, torc
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     s = json.loads((full / "summary.json").read_text())
     assert s["actions"] > 0 and s["last"]["loss"] < s["first"]["loss"] * 1.5
+    assert json.loads((part / "stage.json").read_text())["finished"]
 
 
 @pytest.mark.dist
-def test_two_nodes_on_one_machine_tp2_actor_matches_single_process(advantage_dir, tiny_qwen2, torchrun, tmp_path):
-    """Two launcher processes (``scripts/launch_torchrun.sh --nnodes 2``, node ranks 0 and 1, one process
-    each) rendezvous on 127.0.0.1 and train the actor with TP=2 across the "nodes": every step's loss and
-    the exported policy match a single-process TP=1 run."""
+def test_two_nodes_on_one_machine_tp2_actor_matches_single_process(advantage_dir, tiny_qwen2, tmp_path):
+    """Two launcher processes (``scripts/launch_torchrun.sh --nnodes 2 --tp 2 -- dapo-mcore train-actor
+    CONFIG``, node ranks 0 and 1, one process each) rendezvous on 127.0.0.1 and train the actor with TP=2
+    across the "nodes" (the launcher appends --tp 2 to the stage command): every step's loss and the exported
+    policy match a single-process TP=1 run, and rank 0 alone stamps the unit finished."""
     import os
     import socket
     import subprocess
 
+    from conftest import run_cli, stage_run
+
     from dapo_mcore.models.convert import iter_hf_tensors
 
     root = Path(__file__).resolve().parent.parent
-    common = ["--adv", str(advantage_dir), "--init", str(tiny_qwen2), "--beta", "0.3", "--lr", "1e-4",
-              "--global-batch-actions", "128", "--token-budget", "256"]
-    single = tmp_path / "single"
-    torchrun("dapo_mcore.actor.train", 1, *common, "--out", single)
+    single, two = tmp_path / "single", tmp_path / "two"
+    cfgs = {r: stage_run(r, tiny_qwen2, ["actor"], {"advantage": advantage_dir}, ACTOR % 128) for r in (single, two)}
+    run_cli("train-actor", cfgs[single])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "WORLD_", "RANK", "LOCAL_RANK"))}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONUNBUFFERED="1")
-    two = tmp_path / "two"
     procs = [subprocess.Popen(["bash", str(root / "scripts" / "launch_torchrun.sh"), "--nnodes", "2", "--node-rank",
                                str(r), "--master-addr", "127.0.0.1", "--master-port", port, "--nproc-per-node", "1",
-                               "--tp", "2", "--", "python", "-m", "dapo_mcore.actor.train", *common, "--out", str(two)],
+                               "--tp", "2", "--", "python", "-m", "dapo_mcore.cli", "train-actor", str(cfgs[two])],
                               cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    single, two = single / "iter_0" / "actor", two / "iter_0" / "actor"
+    stamp = json.loads((two / "stage.json").read_text())
+    assert stamp["finished"] and stamp["config"]["parallel"]["tensor_model_parallel_size"] == 2
     la = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) >= 2

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_mcore.cli import STAGE_COMMANDS, main
+from dapo_mcore.cli import main
 from dapo_mcore.data.shards import iter_records, load_manifest
+from dapo_mcore.run.stages import COMMANDS as STAGE_COMMANDS
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["run", *STAGE_COMMANDS, "eval", "export", "report"]
+COMMANDS = ["run", *STAGE_COMMANDS, "export", "report"]
 
 CFG = """\
 run:
@@ -42,6 +43,28 @@ def test_help(cmd, capsys):
     assert "usage: dapo-mcore" in out
     if cmd and cmd[0] != "export":
         assert "key=value" in out
+
+
+@pytest.mark.parametrize("command", list(STAGE_COMMANDS))
+def test_stage_help_lists_its_config_keys_from_the_dataclass(command, capsys):
+    """A stage's --help is generated from its config dataclass: every key with its type and default, the keys
+    the pipeline fills with where they come from, and (distributed stages) the launchers' layout flags."""
+    import dataclasses
+
+    stage = STAGE_COMMANDS[command]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(stage.config):
+        assert f"{stage.section}.{f.name}" in out, f.name
+    for key in stage.fills:
+        assert f"{stage.section}.{key}: " in out and "set by the pipeline: " in out
+    if command == "train-critic":
+        assert "critic.lr: float = 5e-06\n      peak learning rate" in out
+        assert "critic.parallel.fast_paths.mode: str = 'auto'" in out
+        assert "--tp N" in out and "--global-batch N" in out
+    if not stage.distributed:
+        assert "--tp" not in out
 
 
 def test_console_entry_help():
@@ -80,14 +103,14 @@ def test_missing_inputs_are_one_line(tmp_path, capsys):
     assert "data.train" in err and "no such problem-set file" in err and "Traceback" not in err
 
 
-def test_plan_is_forwarded(monkeypatch, capsys):
+def test_plan_and_import_model_are_forwarded(monkeypatch):
     seen = []
     monkeypatch.setitem(sys.modules, "dapo_mcore.plan", types.SimpleNamespace(main=lambda argv: seen.append(argv)))
+    monkeypatch.setitem(sys.modules, "dapo_mcore.models.importer",
+                        types.SimpleNamespace(main=lambda argv: seen.append(argv) or 3))
     assert main(["plan", "--model", "x", "--tp", "2"]) == 0
-    assert seen == [["--model", "x", "--tp", "2"]]
-    monkeypatch.setitem(sys.modules, "dapo_mcore.plan", None)       # import fails
-    assert main(["plan", "--help"]) == 2
-    assert "memory planner is not available" in capsys.readouterr().err
+    assert main(["import-model", "--list"]) == 3          # the forwarded command's exit code
+    assert seen == [["--model", "x", "--tp", "2"], ["--list"]]
 
 
 # ------------------------------------------------------------------------------------------ caching

@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from dapo_mcore.config import ConfigError, dump_config, load_run_config, parse_override, read_yaml
+from dapo_mcore.config import ConfigError, parse_override, read_yaml
+from dapo_mcore.run.schema import dump_config, load_run_config
 
 BASE = """\
 run:

@@ -125,23 +125,26 @@ def test_shared_prefix_scoring_equals_alone(tp, tiny_qwen2, torchrun, tmp_path):
 
 
 @pytest.mark.dist
-def test_stage_resume_equals_uninterrupted(tiny_qwen2, synthetic_mc, torchrun, tmp_path):
-    """Stop after 2 of 5 steps, resume: same per-step losses and bit-identical exported critic."""
+def test_stage_resume_equals_uninterrupted(tiny_qwen2, synthetic_mc, tmp_path):
+    """`dapo-mcore train-critic CONFIG critic.max_steps=2` stops after 2 of 5 steps; the same command without it
+    resumes: same per-step losses and bit-identical exported critic."""
+    from conftest import run_cli, stage_run
 
-    common = ["--lr", "1e-3", "--epochs", "1", "--global-batch", "16", "--token-budget", "256"]
+    from dapo_mcore.models.convert import iter_hf_tensors
+
+    critic = "critic: {lr: 1e-3, epochs: 1, global_batch: 16, token_budget: 256}\n"
     full, part = tmp_path / "full", tmp_path / "part"
-    stage = ("dapo_mcore.critic.train", 1, "--mc", synthetic_mc, "--init", tiny_qwen2)
-    torchrun(*stage, "--out", full, *common)
-    torchrun(*stage, "--out", part, *common, "--max-steps", "2")
+    cfgs = {r: stage_run(r, tiny_qwen2, ["critic"], {"mc": synthetic_mc}, critic) for r in (full, part)}
+    run_cli("train-critic", cfgs[full])
+    assert run_cli("train-critic", cfgs[part], "critic.max_steps=2", check=False).returncode == 2
+    full, part = full / "iter_0" / "critic", part / "iter_0" / "critic"
     assert not (part / "summary.json").exists()
     assert json.loads((part / "checkpoints" / "latest.json").read_text())["step"] == 2
-    torchrun(*stage, "--out", part, *common)
+    run_cli("train-critic", cfgs[part.parent.parent])
     la = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lb] == [r["step"] for r in la] and len(la) >= 4
     assert [r["loss"] for r in lb] == [r["loss"] for r in la]
-    from dapo_mcore.models.convert import iter_hf_tensors
-
     a = {n: f() for n, f in iter_hf_tensors(full / "hf")}
     b = {n: f() for n, f in iter_hf_tensors(part / "hf")}
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dapo_mcore.critic.metrics import action_ranking
 from dapo_mcore.critic.tree import build_trees, node_weight, pack_pieces, prune, split_completion, tree_pieces
-from dapo_mcore.tasks.chain import check_step
+from dapo_mcore.verify.steps import action_ranking
+from dapo_mcore.verify.steps import check_chain_step as check_step
 
 
 def _rec(pid, steps, k, value, terminal=False, comps=()):

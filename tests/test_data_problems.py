@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapo_mcore.data.problems import Problem, ProblemSetError, PromptTemplate, read_problems
-from dapo_mcore.models.tiny import train_tokenizer
+from dapo_mcore.tasks.tiny import train_tokenizer
 
 GOOD = [{"id": "a", "prompt": "1+1?", "answer": "2"}, {"id": 7, "prompt": "x?", "answer": 3.5}]
 

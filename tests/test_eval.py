@@ -10,7 +10,7 @@ import torch
 from dapo_mcore.eval import EvalConfig, evaluate_checkpoint, paired_difference, wilson_interval
 from dapo_mcore.eval.evaluate import SetResult, load_results
 from dapo_mcore.eval.table import compare, comparison_markdown, write_comparison
-from dapo_mcore.rollout.toy import write_chain_problems
+from dapo_mcore.tasks.toy import write_chain_problems
 from dapo_mcore.tasks.chain import make_problems
 
 torch.set_num_threads(1)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapo_mcore.packing import RowBuilder
-from dapo_mcore.parallel.fast_paths import (FastPathConfig, FastPathError, doc_part_of, flex_core_attention,
-                                            resolve, shared_prefix_block_mask, shared_prefix_mask_mod,
-                                            thd_cu_seqlens)
+from dapo_mcore.models.attention import (doc_part_of, flex_core_attention, shared_prefix_block_mask,
+                                         shared_prefix_mask_mod)
+from dapo_mcore.packing import RowBuilder, thd_cu_seqlens
+from dapo_mcore.parallel.fast_paths import FastPathConfig, FastPathError, resolve
+from dapo_mcore.parallel.runtime import ParallelConfig, ParallelConfigError
 
 
 def test_switch_selects_paths():
@@ -59,43 +60,35 @@ def test_emulate_runs_the_gpu_configuration_on_cpu():
     assert auto.recompute == "none" and not auto.bf16 and not auto.distributed_optimizer
 
 
-def test_stage_flags_and_config_flow():
-    """Every Megatron stage accepts the launchers' flags; the fast-path flags land in parallel.fast_paths."""
-    import argparse
-
-    from dapo_mcore.parallel.runtime import ParallelConfig, ParallelConfigError, add_parallel_args, parallel_from_args
-
-    ap = argparse.ArgumentParser()
-    add_parallel_args(ap)
-    a = ap.parse_args(["--tp", "2", "--micro-batch", "2", "--global-batch", "64", "--recompute", "full",
-                       "--fast-paths", "emulate", "--no-bf16", "--distributed-optimizer"])
-    p = parallel_from_args(a)
-    assert (a.micro_batch, a.global_batch) == (2, 64)
-    assert (p.fast_paths.mode, p.fast_paths.recompute, p.fast_paths.bf16, p.fast_paths.distributed_optimizer) == \
-        ("emulate", "full", False, True)
-    paths = p.paths(cuda=False)
-    assert paths.recompute == "full" and paths.params_dtype == "float32"
-    base = ParallelConfig(fast_paths=FastPathConfig(mode="emulate", recompute="selective"))
-    assert parallel_from_args(ap.parse_args([]), base).fast_paths.recompute == "selective"   # unset: config's
-    off = parallel_from_args(ap.parse_args(["--fast-paths", "emulate", "--no-distributed-optimizer"]))
-    assert not off.paths(cuda=False).overlap_param_gather
-    with pytest.raises(ParallelConfigError, match="recompute must be one of"):
-        ParallelConfig(fast_paths=FastPathConfig(recompute="x")).validate(1, cuda=False)
-
-
-def test_advantage_stage_maps_micro_batch_and_refuses_global_batch(monkeypatch, capsys):
-    """The forward-only advantage stage takes --micro-batch (rows per micro-batch) and refuses --global-batch
-    with a clear message instead of ignoring it."""
-    from dapo_mcore.actor import advantage
+def test_stage_commands_take_the_launchers_layout_flags(monkeypatch, tmp_path, capsys):
+    """Every distributed stage command takes the flags scripts/launch_torchrun.sh appends (--tp, --pp, --vpp,
+    --sequence-parallel, --micro-batch, --global-batch, --recompute): each sets the config key its field
+    declares, in that stage's section; a forward-only stage has no --global-batch."""
+    from dapo_mcore import cli
+    from dapo_mcore.run.pipeline import Pipeline
 
     seen = {}
-    monkeypatch.setattr(advantage, "run_advantage", lambda cfg, mc, out: seen.update(cfg=cfg))
-    base = ["--mc", "m", "--reference", "r", "--out", "o"]
-    advantage.main(base + ["--micro-batch", "3", "--fast-paths", "emulate"])
-    assert seen["cfg"].rows_per_microbatch == 3 and seen["cfg"].parallel.fast_paths.mode == "emulate"
+    monkeypatch.setattr(Pipeline, "prepare", lambda self, echo=True: None)
+    monkeypatch.setattr(Pipeline, "run_unit", lambda self, k, name, force=False: seen.update(cfg=self.cfg, name=name))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("toy: {}\n")
+    assert cli.main(["train-critic", str(cfg), "critic.parallel.fast_paths.mode=emulate", "--tp", "2",
+                     "--micro-batch", "2", "--global-batch", "64", "--recompute", "full"]) == 0
+    c = seen["cfg"].critic
+    assert seen["name"] == "critic" and c.parallel.tensor_model_parallel_size == 2
+    assert (c.rows_per_microbatch, c.global_batch, c.parallel.fast_paths.recompute) == (2, 64, "full")
+    assert c.parallel.paths(cuda=False).recompute == "full"
+    assert cli.main(["train-actor", str(cfg), "--global-batch", "96", "--pp", "2", "--vpp", "2"]) == 0
+    a = seen["cfg"].actor
+    assert (a.global_batch_actions, a.parallel.pipeline_model_parallel_size,
+            a.parallel.virtual_pipeline_model_parallel_size) == (96, 2, 2)
+    assert cli.main(["advantage", str(cfg), "--micro-batch", "3"]) == 0
+    assert seen["cfg"].advantage.rows_per_microbatch == 3
     with pytest.raises(SystemExit):
-        advantage.main(base + ["--global-batch", "64"])
-    assert "forward-only" in capsys.readouterr().err
+        cli.main(["advantage", str(cfg), "--global-batch", "64"])     # forward-only: no optimizer batch
+    assert "unrecognized arguments: --global-batch" in capsys.readouterr().err
+    with pytest.raises(ParallelConfigError, match="recompute must be one of"):
+        ParallelConfig(fast_paths=FastPathConfig(recompute="x")).validate(1, cuda=False)
 
 
 def test_thd_cu_seqlens_from_packed_row():
@@ -164,7 +157,8 @@ def test_flex_core_attention_in_megatron_equals_dense(tp, tiny_qwen2, torchrun, 
 
 
 def test_run_config_fast_paths_flow_to_every_megatron_stage(tmp_path):
-    from dapo_mcore.config import ConfigError, load_run_config
+    from dapo_mcore.config import ConfigError
+    from dapo_mcore.run.schema import load_run_config
 
     f = tmp_path / "c.yaml"
     f.write_text("toy: {}\nfast_paths: {mode: emulate, recompute: full}\nactor:\n  parallel: {fast_paths: {mode: cpu}}\n")

@@ -29,25 +29,25 @@ def test_torchrun_dry_run_exact_command():
     r = run(LAUNCH, "--nnodes", "4", "--node-rank", "1", "--master-addr", "node0", "--master-port", "6000",
             "--nproc-per-node", "8", "--tp", "8", "--pp", "4", "--vpp", "2", "--dp", "1", "--sequence-parallel",
             "--micro-batch", "1", "--global-batch", "512", "--recompute", "full", "--dry-run",
-            "--", "python", "-m", "dapo_mcore.critic.train", "--mc", "out dir/mc", "--init", "/ckpt")
+            "--", "python", "-m", "dapo_mcore.cli", "train-critic", "run dir/cfg.yaml", "critic.lr=1e-6")
     assert r.returncode == 0, r.stderr
     cmd, note = r.stdout.strip().splitlines()
     assert shlex.split(cmd) == [
         "python3", "-m", "torch.distributed.run", "--nnodes", "4", "--node-rank", "1", "--master-addr", "node0",
-        "--master-port", "6000", "--nproc-per-node", "8", "-m", "dapo_mcore.critic.train", "--mc", "out dir/mc",
-        "--init", "/ckpt", "--tp", "8", "--pp", "4", "--vpp", "2", "--sequence-parallel", "--micro-batch", "1",
+        "--master-port", "6000", "--nproc-per-node", "8", "-m", "dapo_mcore.cli", "train-critic", "run dir/cfg.yaml",
+        "critic.lr=1e-6", "--tp", "8", "--pp", "4", "--vpp", "2", "--sequence-parallel", "--micro-batch", "1",
         "--global-batch", "512", "--recompute", "full"]
     assert note == "# world 32 = TP 8 x PP 4 x DP 1; node 1 of 4"
 
 
 def test_torchrun_env_defaults_and_command_forms():
-    r = run(LAUNCH, "--dry-run", "--", "dapo-mcore", "actor", "cfg.yaml",
+    r = run(LAUNCH, "--dry-run", "--", "dapo-mcore", "train-actor", "cfg.yaml",
             NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="7000", NPROC_PER_NODE="4",
             PYTHON="/venv/bin/python")
     assert r.returncode == 0, r.stderr
     assert shlex.split(r.stdout.splitlines()[0]) == [
         "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1", "--master-addr",
-        "10.0.0.1", "--master-port", "7000", "--nproc-per-node", "4", "--no-python", "dapo-mcore", "actor", "cfg.yaml"]
+        "10.0.0.1", "--master-port", "7000", "--nproc-per-node", "4", "--no-python", "dapo-mcore", "train-actor", "cfg.yaml"]
     r = run(LAUNCH, "--nproc-per-node", "2", "--dry-run", "--", "tests/x.py", "--a", SLURM_NNODES="1",
             SLURM_NODEID="0")
     assert "--nproc-per-node 2 tests/x.py --a" in r.stdout
@@ -72,18 +72,18 @@ def test_torchrun_layout_errors(args, msg):
 
 def test_sbatch_dry_run_prints_srun_and_every_node():
     r = run(SBATCH, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--tp", "8", "--pp", "2",
-            "--", "python", "-m", "dapo_mcore.actor.train", "--config", "a.yaml", MASTER_ADDR="n0", MASTER_PORT="6001")
+            "--", "dapo-mcore", "train-actor", "a.yaml", MASTER_ADDR="n0", MASTER_PORT="6001")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert shlex.split(lines[0]) == [
         "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash", str(LAUNCH), "--nnodes", "2",
         "--master-addr", "n0", "--master-port", "6001", "--nproc-per-node", "8", "--tp", "8", "--pp", "2", "--",
-        "python", "-m", "dapo_mcore.actor.train", "--config", "a.yaml"]
+        "dapo-mcore", "train-actor", "a.yaml"]
     for r_ in (0, 1):
         i = lines.index(f"# node {r_} runs:")
         assert shlex.split(lines[i + 1]) == [
             "python3", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r_), "--master-addr", "n0",
-            "--master-port", "6001", "--nproc-per-node", "8", "-m", "dapo_mcore.actor.train", "--config", "a.yaml",
+            "--master-port", "6001", "--nproc-per-node", "8", "--no-python", "dapo-mcore", "train-actor", "a.yaml",
             "--tp", "8", "--pp", "2"]
     bad = run(SBATCH, "--nodes", "1", "--gpus-per-node", "8", "--dry-run", "--tp", "16", "--", "x.py")
     assert bad.returncode == 2 and "does not divide the world size 8" in bad.stderr

@@ -1,6 +1,7 @@
-"""TP=2 vocab-parallel fused_target_logprob equals TP=1 (torchrun, gloo, 2 processes):
-forward log-probs, the DAPO loss, the full grad_hidden (all-reduced inside the op) and the
-gathered grad_weight shards. float64: relative 1e-9; float32: 1e-5."""
+"""TP=2 vocab-parallel fused_target_logprob and fused_dapo_loss equal TP=1 (torchrun, gloo, 2 processes):
+forward log-probs, the DAPO loss, the full grad_hidden (all-reduced inside the ops) and the gathered
+grad_weight shards (the fused loss: added into main_grad, per-chunk all-reduces). float64: relative 1e-9;
+float32: 1e-5."""
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def test_tp2_equals_tp1(impl, dtype, tol, torchrun, tmp_path):
     results = _launch(torchrun, impl, dtype, tmp_path)
     assert len(results) == 2
     for r in results:
-        for key in ("logp", "loss", "grad_hidden", "grad_weight"):
+        for key in ("logp", "loss", "grad_hidden", "grad_weight", "fused_loss", "fused_log_ratio", "fused_logp",
+                    "fused_grad_hidden", "fused_grad_weight", "fused_vs_per_token_loss"):
             assert r[key] < tol, (r["rank"], key, r[key])
 

@@ -41,7 +41,8 @@ def _plan_json(*argv: str, capsys) -> dict:
 def test_preset_param_counts_match_published_models():
     # Parameter counts of the released safetensors checkpoints (sum of tensor sizes).
     published = {"Qwen2.5-7B": 7_615_616_512, "Qwen2.5-Math-7B": 7_615_616_512, "Llama-3.1-8B": 8_030_261_248,
-                 "Qwen2.5-72B": 72_706_203_648}
+                 "Qwen2.5-72B": 72_706_203_648, "Qwen3-8B": 8_190_735_360, "Qwen3-32B": 32_762_123_264,
+                 "Qwen3-30B-A3B": 30_532_122_624}
     for name, n in published.items():
         assert total_params(resolve_model(name)[1]) == n, name
 
@@ -207,4 +208,4 @@ def test_fleet_tokens_match_brute_force_and_paper_recipe():
 def test_presets_are_loadable_hf_configs():
     for name, cfg in PRESETS.items():
         assert resolve_model(name.lower())[0] == name
-        assert cfg["model_type"] in ("qwen2", "llama")
+        assert cfg["model_type"] in ("qwen2", "llama", "qwen3", "qwen3_moe")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo_mcore.config import load_run_config
+from dapo_mcore.run.schema import load_run_config
 from dapo_mcore.plan.presets import resolve_model
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"

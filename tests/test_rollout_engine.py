@@ -7,7 +7,7 @@ import torch
 
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig, sample_tokens
-from dapo_mcore.rollout.toy import build_toy_completer
+from dapo_mcore.tasks.toy import build_toy_completer
 from dapo_mcore.tasks.chain import make_problems
 
 torch.set_num_threads(1)
@@ -20,9 +20,17 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(toy):
+    """(prefix reuse with the radix cache: the default, no reuse at all)."""
     reuse = EmbeddedEngine(EngineConfig(str(toy), prefix_reuse=True))
     plain = EmbeddedEngine(EngineConfig(str(toy), prefix_reuse=False), model=reuse.model, tokenizer=reuse.tokenizer)
     return reuse, plain
+
+
+@pytest.fixture(scope="module")
+def within_request(engines):
+    """Prefix reuse among a request's n samples only (no radix cache)."""
+    return EmbeddedEngine(EngineConfig(engines[0].cfg.model_path, radix_cache_bytes=0), model=engines[0].model,
+                          tokenizer=engines[0].tokenizer)
 
 
 def _prompts(tok, n=5):
@@ -73,21 +81,26 @@ def test_logits_equal_to_plain_forward(engines):
 
 
 def _count_forward_tokens(model):
+    """Counts the real (non-padding) new tokens of every forward, read from its attention mask."""
     counter = {"tokens": 0}
 
     def hook(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        counter["tokens"] += ids.numel()
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if mask.dim() == 4:   # prefix pass [B, 1, q, W]: a real query attends to its own column (its position)
+            pos = kwargs["position_ids"]
+            counter["tokens"] += int(mask[:, 0].gather(2, pos.unsqueeze(2)).sum())
+        else:                 # decode step [B, W]: the last q columns
+            counter["tokens"] += int(mask[:, -ids.shape[1]:].sum())
 
-    h = model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+    h = model.register_forward_pre_hook(hook, with_kwargs=True)
     return counter, h
 
 
-@pytest.mark.parametrize("reuse_flag", [True, False])
-def test_cached_tokens_is_what_was_really_reused(engines, reuse_flag):
-    """Equal-length prompts (no padding): tokens through the embedding = sum(prompt - cached)
-    + fed-back generated tokens (each output token except the last)."""
-    eng = engines[0] if reuse_flag else engines[1]
+@pytest.mark.parametrize("mode", ["radix", "within_request", "plain"])
+def test_cached_tokens_is_what_was_really_reused(engines, within_request, mode):
+    """Equal-length prompts: real tokens the model ran = sum(prompt - cached) + fed-back generated
+    tokens (each output token except the last) + idle decode slots."""
+    eng = {"radix": engines[0], "within_request": within_request, "plain": engines[1]}[mode]
     tok = eng.tokenizer
     prompts = [tok(p.prompt)["input_ids"] for p in make_problems(40, seed=5)]
     L = len(prompts[0])
@@ -107,8 +120,10 @@ def test_cached_tokens_is_what_was_really_reused(engines, reuse_flag):
     idle = eng.stats.idle_tokens - idle0          # decode slots of finished rows not yet compacted away
     assert counter["tokens"] == computed_prompt + fed_back + idle
     cached = [s["meta_info"]["cached_tokens"] for s in samples]
-    if reuse_flag:
+    if mode == "within_request":
         assert cached == [0, L - 1, L - 1, L - 1] * len(prompts)
+    elif mode == "radix":   # sample 0 is charged what its request added to the tree (exact values: test_rollout_radix)
+        assert all(c == L - 1 for i, c in enumerate(cached) if i % 4) and all(0 <= c <= L - 1 for c in cached)
     else:
         assert cached == [0] * len(samples)
 

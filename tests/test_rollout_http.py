@@ -13,11 +13,11 @@ from dapo_mcore.data.shards import iter_records
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.common import BackendConfig
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
-from dapo_mcore.rollout.generate import GenerateConfig, run_generate
-from dapo_mcore.rollout.mc import MCConfig, run_mc
+from dapo_mcore.generate.stage import GenerateConfig, run_generate
+from dapo_mcore.mc.stage import MCConfig, run_mc
 from dapo_mcore.rollout.server import EmbeddedServer
 from dapo_mcore.rollout.sglang_client import SGLangClient, SGLangClientConfig, SGLangError
-from dapo_mcore.rollout.toy import build_toy_completer, write_chain_problems
+from dapo_mcore.tasks.toy import build_toy_completer, write_chain_problems
 from dapo_mcore.tasks.chain import make_problems
 
 torch.set_num_threads(1)
@@ -57,7 +57,11 @@ def test_routes_and_schema(server, engine):
         "max_new_tokens": 4, "temperature": 1.0, "n": 3, "sampling_seed": 1}}).json()
     assert isinstance(many, list) and len(many) == 6                   # flat, grouped by prompt
     assert [x["meta_info"]["prompt_tokens"] for x in many] == [len(ids)] * 3 + [len(ids) - 1] * 3
-    assert [x["meta_info"]["cached_tokens"] for x in many[:3]] == [0, len(ids) - 1, len(ids) - 1]
+    # the first request stored ids[:-1] in the radix cache: every sample reuses it; after a flush, cold again
+    assert [x["meta_info"]["cached_tokens"] for x in many[:3]] == [len(ids) - 1] * 3
+    assert http.post("/flush_cache").status_code == 200
+    again = http.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "n": 3}}).json()
+    assert [x["meta_info"]["cached_tokens"] for x in again] == [0, len(ids) - 1, len(ids) - 1]
     txt = http.post("/generate", json={"text": "47:+8\n", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}).json()
     assert txt["meta_info"]["prompt_tokens"] == len(engine.tokenizer("47:+8\n")["input_ids"])
     for bad in ({"sampling_params": {}}, {"input_ids": []}, {"input_ids": [1], "sampling_params": {"top_p": 0}},

@@ -21,11 +21,11 @@ from dapo_mcore.data.shards import iter_records
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.common import BackendConfig
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
-from dapo_mcore.rollout.generate import GenerateConfig, run_generate
-from dapo_mcore.rollout.mc import MCConfig, run_mc
+from dapo_mcore.generate.stage import GenerateConfig, run_generate
+from dapo_mcore.mc.stage import MCConfig, run_mc
 from dapo_mcore.rollout.server import EmbeddedServer, prompt_key
 from dapo_mcore.rollout.sglang_client import SGLangClient, SGLangClientConfig
-from dapo_mcore.rollout.toy import build_toy_completer, write_chain_problems
+from dapo_mcore.tasks.toy import build_toy_completer, write_chain_problems
 from dapo_mcore.tasks.chain import make_problems
 
 torch.set_num_threads(1)

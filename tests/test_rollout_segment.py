@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dapo_mcore.models.tiny import train_tokenizer
+from dapo_mcore.tasks.tiny import train_tokenizer
 from dapo_mcore.rollout.segment import TokenBytes, first_step, split_steps
 from dapo_mcore.rollout.states import build_states
 from dapo_mcore.tasks.chain import make_problems

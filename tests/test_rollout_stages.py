@@ -13,9 +13,9 @@ import torch
 
 from dapo_mcore.data.problems import ProblemSetError
 from dapo_mcore.data.shards import iter_records, load_manifest
-from dapo_mcore.rollout.generate import GenerateConfig, run_generate, select_balanced
-from dapo_mcore.rollout.mc import MCConfig, run_mc
-from dapo_mcore.rollout.toy import build_toy_completer, write_chain_problems
+from dapo_mcore.generate.stage import GenerateConfig, run_generate, select_balanced
+from dapo_mcore.mc.stage import MCConfig, run_mc
+from dapo_mcore.tasks.toy import build_toy_completer, write_chain_problems
 
 torch.set_num_threads(1)
 
@@ -107,7 +107,7 @@ _RUNNER = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-from dapo_mcore.rollout.mc import MCConfig, run_mc
+from dapo_mcore.mc.stage import MCConfig, run_mc
 cfg = MCConfig({toy!r}, num_completions=4, max_new_tokens=40, shard_size=2, batch_requests=1, show_progress=False)
 run_mc(cfg, {gen!r}, {out!r})
 """
@@ -176,10 +176,3 @@ def test_changed_config_is_refused(toy, solutions, tmp_path):
     run_mc(mc_cfg(toy, num_completions=2), solutions / "gen", tmp_path / "mc")
     with pytest.raises(ShardError, match="use another output directory"):
         run_mc(mc_cfg(toy, num_completions=3), solutions / "gen", tmp_path / "mc")
-
-
-def test_cli_help():
-    for mod in ("dapo_mcore.rollout.generate", "dapo_mcore.rollout.mc"):
-        r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert r.returncode == 0 and "--model" in r.stdout

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_mcore.actor.advantage import scorable, unique_actions
+from dapo_mcore.advantage.core import scorable, unique_actions
 from dapo_mcore.data.shards import ShardedWriter, iter_records
-from dapo_mcore.tasks.chain import check_step, extract_answer, make_problems
+from dapo_mcore.tasks.chain import make_problems
+from dapo_mcore.verify.exact import extract_answer
+from dapo_mcore.verify.steps import check_chain_step as check_step
 
 torch.set_num_threads(1)
 
@@ -63,13 +65,13 @@ def test_sparse_setup_splits_are_disjoint():
 # ------------------------------------------------------------------------------ one-step candidates
 @pytest.fixture(scope="module")
 def toy_gen(tmp_path_factory):
-    from dapo_mcore.rollout.generate import GenerateConfig, run_generate
-    from dapo_mcore.rollout.toy import build_toy_completer, write_chain_problems
+    from dapo_mcore.generate.stage import GenerateConfig, run_generate
+    from dapo_mcore.tasks.toy import build_toy_completer, write_chain_problems
 
     d = tmp_path_factory.mktemp("sparse_mc")
     toy = build_toy_completer(d / "toy", steps=100)
     probs = write_chain_problems(d / "problems.jsonl", 3, seed=1)
-    run_generate(GenerateConfig(str(probs), str(toy), num_samples=2, keep=1, max_new_tokens=48, shard_size=2,
+    run_generate(GenerateConfig(problems=str(probs), model_path=str(toy), num_samples=2, keep=1, max_new_tokens=48, shard_size=2,
                                 batch_requests=2, show_progress=False), d / "gen")
     return toy, d
 
@@ -77,13 +79,12 @@ def toy_gen(tmp_path_factory):
 def test_mc_one_step_candidates(toy_gen, tmp_path):
     from transformers import AutoTokenizer
 
-    from dapo_mcore.rollout.mc import MCConfig, run_mc
+    from dapo_mcore.mc.stage import MCConfig, run_mc
 
     toy, d = toy_gen
     base = dict(num_completions=2, max_new_tokens=40, shard_size=3, batch_requests=2, show_progress=False)
-    plain = run_mc(MCConfig(str(toy), **base), d / "gen", tmp_path / "plain")
-    extra = run_mc(MCConfig(str(toy), num_actions=3, **base), d / "gen", tmp_path / "extra")
-    assert "num_actions" not in MCConfig(str(toy)).identity()        # old mc outputs keep their identity
+    plain = run_mc(MCConfig(model_path=str(toy), **base), d / "gen", tmp_path / "plain")
+    extra = run_mc(MCConfig(model_path=str(toy), num_actions=3, **base), d / "gen", tmp_path / "extra")
     tok = AutoTokenizer.from_pretrained(toy)
     nl = tok.encode("\n", add_special_tokens=False)
     a = {r["state_id"]: r for r in iter_records(tmp_path / "plain")}
@@ -130,35 +131,46 @@ def _summary(d: Path, stage: str, samples: int, tokens: int, one=None, problems=
 
 
 def test_rft_budget_in_samples_or_generated_tokens(tmp_path):
-    from dapo_mcore.pipeline import PipelineError, generation_budget
+    from dapo_mcore.sft.rft import samples_per_problem
 
     _summary(tmp_path / "gen", "generate", 100, 5000, problems=50)      # 50 tokens per solution
     _summary(tmp_path / "mc", "mc", 800, 20000, one=(400, 2000))
-    assert generation_budget(tmp_path / "gen", tmp_path / "mc", "samples") == (1300.0, 50)
-    budget, n = generation_budget(tmp_path / "gen", tmp_path / "mc", "tokens")
-    assert n == 50 and budget == pytest.approx((5000 + 20000 + 2000) / 50)
-    with pytest.raises(PipelineError):
-        generation_budget(tmp_path / "gen", tmp_path / "mc", "flops")
+    assert samples_per_problem(tmp_path / "gen", tmp_path / "mc") == 26                 # 1300 samples / 50
+    assert samples_per_problem(tmp_path / "gen", tmp_path / "mc", "tokens") == 11       # 27000 / 50 / 50 = 10.8
+    with pytest.raises(ValueError, match="run.budget"):
+        samples_per_problem(tmp_path / "gen", tmp_path / "mc", "flops")
 
 
-def test_controls_first_only(tmp_path):
-    from dapo_mcore.config import ConfigError, load_run_config
-    from dapo_mcore.pipeline import Pipeline
+def test_controls_first_only_outcome_beta_and_token_budget_through_the_table(tmp_path):
+    from dapo_mcore.config import ConfigError
+    from dapo_mcore.run.pipeline import Pipeline, Plan
+    from dapo_mcore.run.schema import load_run_config
+    from dapo_mcore.run.stages import STAGE
 
     (tmp_path / "policy").mkdir()
     (tmp_path / "train.jsonl").write_text("")
     over = [f"model.policy={tmp_path / 'policy'}", f"data.train={tmp_path / 'train.jsonl'}",
-            "run.controls=[outcome, rft]", "run.iterations=2"]
+            f"run.out_dir={tmp_path / 'run'}", "run.controls=[outcome, rft]", "run.iterations=2"]
+    names = lambda pipe, k: [s.name for s in pipe.units(k)]  # noqa: E731
     every = Pipeline(load_run_config(None, over))
     first = Pipeline(load_run_config(None, over + ["run.controls_first_only=true"]))
-    assert every.units(1) == every.units(0) == first.units(0)
-    assert "rft" in first.units(0) and first.units(1) == ["generate", "mc", "critic", "advantage", "actor", "eval"]
-    beta = Pipeline(load_run_config(None, over + ["run.outcome_beta=0.3", "actor.beta=0.05"]))
-    assert beta.actor_config("actor", "ref", 0).beta == 0.05
-    assert beta.actor_config("actor-outcome", "ref", 0).beta == 0.3
-    assert every.actor_config("actor-outcome", "ref", 0).beta == every.actor_config("actor", "ref", 0).beta
+    assert names(every, 1) == names(every, 0) == names(first, 0)
+    assert "rft" in names(first, 0) and names(first, 1) == ["generate", "mc", "critic", "advantage", "actor", "eval"]
     with pytest.raises(ConfigError, match="run.budget"):
         load_run_config(None, over + ["run.budget=flops"])
+    # the fills: the outcome control's beta, RFT's K from the budget mode
+    for s in ("generate", "mc"):
+        d = tmp_path / "run" / "iter_0" / s
+        _summary(d, s, 100 if s == "generate" else 800, 5000 if s == "generate" else 20000,
+                 one=(400, 2000) if s == "mc" else None, problems=50)
+        (d / "stage.json").write_text(json.dumps({"finished": True, "digest": "x"}))
+    def filled(pipe, unit, key):
+        return STAGE[unit].fills[key].value(Plan(pipe, 0))
+    beta = Pipeline(load_run_config(None, over + ["run.outcome_beta=0.3", "actor.beta=0.05"]))
+    assert filled(beta, "actor-outcome", "beta") == 0.3 and "beta" not in STAGE["actor"].fills
+    assert filled(every, "actor-outcome", "beta") == every.cfg.actor.beta
+    tokens = Pipeline(load_run_config(None, over + ["run.budget=tokens"]))
+    assert filled(every, "rft-generate", "num_samples") == 26 and filled(tokens, "rft-generate", "keep") == 11
 
 
 # ---------------------------------------------------------------------------------- diagnostics
@@ -229,12 +241,11 @@ def test_sparse_table_and_result_lines(tmp_path):
     assert "RESULT sparse_demo_seconds 123 s" in lines and "RESULT sparse_reference_mean 10.0 %" in lines
 
 
-def test_critic_identity_keeps_example_mode_runs_and_ignores_the_checker():
+def test_critic_identity_ignores_the_step_checker():
+    from dapo_mcore.config import identity
     from dapo_mcore.critic.train import CriticConfig
 
-    d = CriticConfig().identity()
-    assert not {"data", "tree_weighting", "tree_min_count", "step_checker"} & set(d)
-    t = CriticConfig(data="tree", tree_min_count=2, step_checker="chain").identity()
+    t = identity(CriticConfig(data="tree", tree_min_count=2, step_checker="chain"))
     assert t["data"] == "tree" and t["tree_min_count"] == 2 and "step_checker" not in t
 
 

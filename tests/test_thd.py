@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dapo_mcore.packing import (RowBuilder, batch_packing, batch_rows, collate, collate_thd, empty_batch)
-from dapo_mcore.parallel.fast_paths import (FastPathConfig, FlexCoreAttention, ThdCoreAttention, resolve,
-                                            thd_packed_seq_params, varlen_causal_attention)
+from dapo_mcore.models.attention import FlexCoreAttention, ThdCoreAttention, varlen_causal_attention
+from dapo_mcore.packing import (RowBuilder, batch_packing, batch_rows, collate, collate_thd, empty_batch,
+                                thd_packed_seq_params)
+from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
 
 
 def _rows(lengths=((5, 1, 7), (3, 9)), seed=0):

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
+from dapo_mcore.data.code_spec import parse_code_spec
 from dapo_mcore.data.problems import ProblemSetError, read_problems
 from dapo_mcore.verify import CodeVerifier, make_verifier
 from dapo_mcore.verify.code import (
     CodeExtractConfig,
     CodeVerifierConfig,
     extract_code,
-    parse_code_spec,
     stdout_matches,
     values_match,
 )
@@ -244,7 +244,7 @@ class ScriptedBackend:
 
 
 def test_generate_stage_with_code_verifier(tiny_qwen2, tmp_path):
-    from dapo_mcore.rollout.generate import GenerateConfig, run_generate
+    from dapo_mcore.generate.stage import GenerateConfig, run_generate
 
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"id": "add", "prompt": "Add two ints.", "answer": ADD_STDIO}) + "\n"

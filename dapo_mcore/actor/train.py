@@ -9,49 +9,45 @@ gradients); a step takes whole states until it holds ``global_batch_actions`` ac
 **Shared-prefix packing**: one row = state once + all its actions, several states per row.
 The reference log-probs were stored by the advantage stage: π_ref is never loaded here.
 
-Runs on every rank: ``python -m dapo_mcore.actor.train --help``. Outputs in ``out_dir``: ``checkpoints/``,
+Runs on every rank (in the pipeline's process, or under ``torchrun``): ``dapo-mcore train-actor CONFIG``
+(section ``actor``; ``--help`` lists the keys). Outputs in ``out_dir``: ``checkpoints/``,
 ``hf/`` (the new policy), ``metrics.jsonl``, ``tb/``, ``summary.json`` (written last).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dapo_mcore.actor.batching import ActionGroup, dapo_forward_step, pack_action_groups
+import torch
+import torch.distributed as dist
+
+from dapo_mcore.config import option
+from dapo_mcore.data.shards import iter_records
+from dapo_mcore.models.convert import save_hf_checkpoint
+from dapo_mcore.ops import fused_dapo_loss
 from dapo_mcore.packing import dp_share
-from dapo_mcore.parallel.runtime import ParallelConfig, add_parallel_args, parallel_from_args
+from dapo_mcore.parallel.runtime import initialize_parallel
+from dapo_mcore.training.config import TrainingConfig
+from dapo_mcore.training.logprobs import ActionGroup, output_inputs, pack_action_groups, token_logp
+from dapo_mcore.training.loop import load_chunks, make_trainer, pad_token_id, read_metrics, resume, run_loop, save_summary
+from dapo_mcore.training.trainer import make_loss_fn
 
 
 @dataclass
-class ActorConfig:
-    """Paper defaults: β 0.01–0.02, lr 5e-7, global batch 2048 actions, 1 epoch."""
+class ActorConfig(TrainingConfig):
+    """Stage 5 (train-actor). Paper: β 0.01–0.02, lr 5e-7, global batch 2048 actions, 1 epoch."""
 
-    init_path: str = ""                 # the reference policy (π_ref) HF checkpoint
-    beta: float = 0.01
-    lr: float = 5e-7
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_style: str = "constant"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta2: float = 0.95
-    epochs: int = 1
-    global_batch_actions: int = 2048    # actions per optimizer step (whole states)
-    token_budget: int = 4096            # tokens per packed row
-    rows_per_microbatch: int = 1        # packed rows stacked per micro-batch
-    shared_prefix: bool = True          # False: each (s, a) its own document (baseline)
-    seed: int = 0
-    save_interval: int = 0
-    max_steps: int = 0
-    show_progress: bool = True
-    tensorboard: bool = True
-    ops_impl: Optional[str] = None      # force "cpp" | "triton" | "reference" (default: auto)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # layout + fast_paths
+    init_path: str = option("", "HF checkpoint of the reference policy (π_ref), the actor's start", identity=False)
+    lr: float = option(5e-7, "peak learning rate")
+    beta: float = option(0.01, "β of the DAPO loss (A/β is the log-ratio target)")
+    global_batch_actions: int = option(2048, "actions per optimizer step (whole states)", flag="--global-batch")
+    shared_prefix: bool = option(True, "pack a state once with all its actions (False: each (s, a) its own "
+                                       "document, the baseline)")
+    ops_impl: Optional[str] = option(None, "force the fused ops' backend: cpp | triton | reference (default: auto)")
 
     def validate(self) -> None:
         if not self.init_path:
@@ -62,10 +58,41 @@ class ActorConfig:
             raise ValueError(f"actor.global_batch_actions must be >= 1, got {self.global_batch_actions}")
 
 
+def dapo_forward_step(beta: float, impl: Optional[str] = None):
+    """Training step factory: loss sum = ½ Σ_actions (A/β − Σ_tokens(logp − ref_logp))², count = #actions,
+    through :func:`~dapo_mcore.ops.fused_dapo_loss` (logits once per token chunk, 6·T·H·V, grad_weight into
+    megatron's ``main_grad``; the per-token op + loss it replaces is its tested reference).
+
+    Extra sums logged per action: ``abs_log_ratio``, ``kl_k3`` (estimate of KL(π_ref‖π_θ) on the
+    reference's own actions: e^ρ − 1 − ρ), ``sign_agree`` (log-ratio moved with the sign of A; A = 0
+    counts as agreement only when ρ = 0).
+    """
+    def step(model, batch):
+        hidden = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], output="hidden")
+
+        def compute(hs):
+            n_act = len(batch["action_keys"])
+            if n_act == 0:
+                # A DP-padding micro-batch: zero loss, but through the per-token op (T=0), so the output weight
+                # still receives a gradient and megatron DDP's grad-ready hook fires for it (with
+                # overlap_grad_reduce every param must report ready each step).
+                zero = hs.sum() * 0.0 + token_logp(model, hs, batch, impl).sum() * 0.0
+                return zero, 0, {"abs_log_ratio": 0.0, "kl_k3": 0.0, "sign_agree": 0.0}
+            h, w, tp_group = output_inputs(model, hs, batch)
+            out = fused_dapo_loss(h, w, batch["tgt"], batch["ref_logp"].to(torch.float32), batch["seg"],
+                                  batch["advantages"].to(torch.float32), beta, normalizer=1.0, tp_group=tp_group,
+                                  impl=impl)
+            rho, adv = out.log_ratio.double(), batch["advantages"].double()
+            return out.loss, n_act, {"abs_log_ratio": rho.abs().sum(), "kl_k3": (torch.exp(rho) - 1 - rho).sum(),
+                                     "sign_agree": (torch.sign(rho) == torch.sign(adv)).double().sum()}
+
+        return hidden, make_loss_fn(compute)
+
+    return step
+
+
 def load_groups(adv_dir: str | Path) -> list[ActionGroup]:
     """The kept states of an advantage output as :class:`ActionGroup` (advantages + per-token ref log-probs)."""
-    from dapo_mcore.data.shards import iter_records
-
     groups = []
     for r in iter_records(adv_dir):
         if not r["keep"]:
@@ -98,13 +125,7 @@ def state_batches(groups: Sequence[ActionGroup], global_batch_actions: int, epoc
 
 def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) -> dict:
     """Train (or resume) the actor on a finished advantage output; returns the summary (every rank)."""
-    import torch.distributed as dist
     from transformers import AutoTokenizer
-
-    from dapo_mcore.models.convert import save_hf_checkpoint
-    from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import (LoopConfig, load_chunks, make_trainer, pad_token_id, read_metrics, resume,
-                                          run_loop, write_summary)
 
     cfg.validate()
     out = Path(out_dir)
@@ -122,7 +143,7 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
     steps = state_batches(groups, cfg.global_batch_actions, cfg.epochs, cfg.seed)
     trainer = make_trainer(chunks, cfg, total_steps=len(steps))
     resume(trainer, out / "checkpoints")
-    loop = LoopConfig("actor", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
+    loop = cfg.loop("actor", len(steps))
     finished = run_loop(
         trainer, loop, out,
         lambda i: dp_share(pack_action_groups([groups[g] for g in steps[i]], cfg.token_budget, pad_id,
@@ -139,7 +160,7 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
                "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
                "config": json.loads(json.dumps(asdict(cfg), default=str)),
                "paths": trainer.paths.as_dict()}
-    write_summary(out, summary)
+    save_summary(out, summary)
     if dist.get_rank() == 0:
         last = summary["last"] or {}
         print(f"[actor] {trainer.step} steps on {summary['actions']} actions: loss {last.get('loss', float('nan')):.4g}, "
@@ -148,32 +169,9 @@ def run_train_actor(cfg: ActorConfig, adv_dir: str | Path, out_dir: str | Path) 
     return summary
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="DAPO stage 5: train the actor with the DAPO loss (megatron).")
-    ap.add_argument("--adv", required=True, help="output directory of the advantage stage")
-    ap.add_argument("--init", required=True, help="reference policy HF checkpoint (pi_ref)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--beta", type=float, default=0.01)
-    ap.add_argument("--lr", type=float, default=5e-7)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--token-budget", type=int, default=4096)
-    ap.add_argument("--no-shared-prefix", action="store_true", help="lay out each (s, a) separately")
-    add_parallel_args(ap)   # also --global-batch (actions), --micro-batch (rows), fast-path flags
-    ap.add_argument("--global-batch-actions", dest="global_batch", type=int, help="alias of --global-batch")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
-    a = ap.parse_args(argv)
-    d = ActorConfig()
-    cfg = ActorConfig(init_path=a.init, beta=a.beta, lr=a.lr, epochs=a.epochs,
-                      global_batch_actions=a.global_batch or d.global_batch_actions, token_budget=a.token_budget,
-                      rows_per_microbatch=a.micro_batch or d.rows_per_microbatch,
-                      shared_prefix=not a.no_shared_prefix, seed=a.seed, max_steps=a.max_steps,
-                      parallel=parallel_from_args(a))
-    run_train_actor(cfg, a.adv, a.out)
-
-
-if __name__ == "__main__":
-    from dapo_mcore.parallel.runtime import process_group_scope
-
-    with process_group_scope():
-        main()
+def summary_note(summary: dict) -> str:
+    """The actor's line in the report's stage table."""
+    sec = summary.get("seconds") or 0.0
+    if not sec:
+        return ""
+    return f"{summary['steps']} steps, {summary['actions'] * summary.get('epochs', 1) / sec:.0f} actions/s"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-
+from dapo_mcore.data.shards import iter_records
 from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
 
 
@@ -143,6 +143,4 @@ def pack_examples(examples: Sequence[CriticExample], token_budget: int, pad_id: 
 
 
 def read_mc(mc_dir: str | Path) -> list[dict]:
-    from dapo_mcore.data.shards import iter_records
-
     return list(iter_records(mc_dir))

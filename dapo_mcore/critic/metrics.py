@@ -67,61 +67,6 @@ def critic_metrics(pred: Sequence[float], target: Sequence[float], train_mean: f
             "mean_pred": float(p.mean()) if len(p) else math.nan, "mean_target": float(t.mean()) if len(t) else math.nan}
 
 
-def action_ranking(states: Sequence[tuple[int, Sequence[tuple[float, float, Optional[bool]]]]]) -> dict:
-    """How well values order the candidate actions of each state — the quality DAPO's gain tracks.
-
-    ``states``: ``(step position, [(value, outcome, correct) per distinct action])`` where ``outcome`` is the
-    action's MC outcome (mean reward of the rollouts through it) and ``correct`` whether the step is right
-    (a task's step checker; None if unknown). Returns, overall and per position (``by_position``):
-    ``vs_mc`` (pairs whose outcomes differ, ordered like the outcomes; ties in value count half) with its
-    ``mc_pairs``, and ``vs_correct`` (pairs of a right and a wrong step where the right one has the higher
-    value) with its ``correct_pairs``."""
-    def acc(pairs: list[float]) -> float:
-        return sum(pairs) / len(pairs) if pairs else float("nan")
-
-    mc: dict[int, list[float]] = {}
-    cor: dict[int, list[float]] = {}
-    for pos, acts in states:
-        for i, (va, oa, ca) in enumerate(acts):
-            for vb, ob, cb in acts[i + 1:]:
-                if oa != ob:
-                    s = (va - vb) * (oa - ob)
-                    mc.setdefault(pos, []).append(1.0 if s > 0 else 0.5 if s == 0 else 0.0)
-                if ca is not None and cb is not None and ca != cb:
-                    d = (va - vb) if ca else (vb - va)
-                    cor.setdefault(pos, []).append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
-    every = lambda d: [x for v in d.values() for x in v]  # noqa: E731
-    return {"vs_mc": acc(every(mc)), "mc_pairs": len(every(mc)), "vs_correct": acc(every(cor)),
-            "correct_pairs": len(every(cor)),
-            "by_position": {int(p): {"vs_mc": acc(mc.get(p, [])), "mc_pairs": len(mc.get(p, [])),
-                                     "vs_correct": acc(cor.get(p, [])), "correct_pairs": len(cor.get(p, []))}
-                            for p in sorted(set(mc) | set(cor))}}
-
-
-def state_is_clean(check, state_text: str, delimiter: str = "\n") -> bool:
-    """Whether every step of ``state_text`` (prompt, then one step per line) is right by ``check``: only in
-    such a state can a right next step have a higher value than a wrong one (after an error every action's
-    value is ~0), so ranking against step correctness is measured on clean states."""
-    lines = state_text.split(delimiter)
-    head = lines[0] + delimiter
-    for ln in lines[1:]:
-        if not ln.strip():
-            continue
-        if not check(head, ln):
-            return False
-        head += ln + delimiter
-    return True
-
-
-def step_checker(name: str):
-    """A task's step checker ``(state_text, action_text) -> bool | None`` by name (``"chain"``)."""
-    if name == "chain":
-        from dapo_mcore.tasks.chain import check_step
-
-        return check_step
-    raise ValueError(f"unknown step checker {name!r} (known: 'chain')")
-
-
 def calibration_plot(pred: Sequence[float], target: Sequence[float], path: str | Path, title: str = "critic",
                      bins: int = 10) -> Path:
     """Reliability diagram (mean MC value per prediction bin) + histogram of predictions, as a PNG."""

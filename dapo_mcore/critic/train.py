@@ -1,76 +1,62 @@
 """Stage 3 — critic: train V_phi (transformer + scalar head + sigmoid) with BCE on soft MC targets.
 
-Runs on every rank (``torchrun`` or a single process): ``python -m dapo_mcore.critic.train --help``.
-Outputs in ``out_dir``: ``checkpoints/`` (megatron dist checkpoints, resumable), ``hf/`` (the value model
+Runs on every rank (in the pipeline's process, or under ``torchrun``): ``dapo-mcore train-critic CONFIG``
+(section ``critic``; ``--help`` lists the keys). Outputs in ``out_dir``: ``checkpoints/`` (megatron dist checkpoints, resumable), ``hf/`` (the value model
 as an HF ``ForTokenClassification`` checkpoint), ``calibration.png``, ``tb/`` (TensorBoard),
 ``metrics.jsonl`` (one line per step) and ``summary.json`` (written last: the stage is finished).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from dapo_mcore.critic.data import (CriticExample, completion_examples, pack_examples, read_mc, solution_examples,
-                                    split_by_problem, truncate)
+from dapo_mcore.config import option
+from dapo_mcore.critic.data import (CriticExample, completion_examples, is_heldout, pack_examples, read_mc,
+                                    solution_examples, split_by_problem, truncate)
 from dapo_mcore.critic.metrics import calibration_plot, critic_metrics
-from dapo_mcore.critic.score import values_by_example
+from dapo_mcore.critic.tree import (build_trees, node_weight, pack_pieces, prune, split_completion, tree_pieces,
+                                    tree_stats)
+from dapo_mcore.models.convert import save_hf_checkpoint
+from dapo_mcore.models.gpt import model_packing
+from dapo_mcore.models.hf_config import load_arch
 from dapo_mcore.packing import dp_share
-from dapo_mcore.parallel.runtime import ParallelConfig, add_parallel_args, parallel_from_args
+from dapo_mcore.parallel.runtime import initialize_parallel
+from dapo_mcore.training.config import TrainingConfig
+from dapo_mcore.training.loop import (epoch_batches, load_chunks, make_trainer, pad_token_id, resume, run_loop,
+                                      save_summary, tensorboard_scalars)
+from dapo_mcore.training.trainer import make_loss_fn
+from dapo_mcore.training.values import values_by_example
+from dapo_mcore.verify.steps import action_ranking, state_is_clean, step_checker
 
 
 @dataclass
-class CriticConfig:
-    """Paper defaults: 1 epoch, lr 5e-6, global batch 512 examples."""
+class CriticConfig(TrainingConfig):
+    """Stage 3 (train-critic). Paper: 1 epoch, lr 5e-6, global batch 512 examples."""
 
-    init_path: str = ""               # HF checkpoint (policy or value model) to start from
-    lr: float = 5e-6
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta2: float = 0.95
-    epochs: int = 1
-    global_batch: int = 512           # examples per optimizer step
-    token_budget: int = 4096          # tokens per packed row
-    rows_per_microbatch: int = 1      # packed rows stacked per micro-batch
-    max_length: Optional[int] = None  # default: the model's max_position_embeddings
-    use_completions: bool = False     # also train on MC completions with their single-sample outcome
-    data: str = "examples"            # examples: one sequence per solution / completion; tree: one prefix tree
-                                      # per problem, each distinct step-prefix once (dapo_mcore.critic.tree)
-    tree_weighting: str = "count"     # tree: label weight = rollouts through the node | sqrt | one
-    tree_min_count: int = 1           # tree: drop nodes fewer rollouts passed through (2: no single-rollout tails)
-    step_checker: str = ""            # optional task step checker for the held-out ranking diagnostics ("chain")
-    heldout_fraction: float = 0.1     # of problems
-    seed: int = 0
-    save_interval: int = 0            # steps between checkpoints (0: only at the end / on interrupt)
-    max_steps: int = 0                # stop after this many steps in this invocation (checkpoint; resumable)
-    show_progress: bool = True
-    tensorboard: bool = True
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # layout + fast_paths
-
-    def identity(self) -> dict:
-        """The fields that change the trained critic (the step checker only feeds diagnostics; the tree fields
-        matter only with ``data="tree"``, so older example-mode runs keep their identity)."""
-        d = asdict(self)
-        d.pop("step_checker")
-        if self.data == "examples":
-            for k in ("data", "tree_weighting", "tree_min_count"):
-                d.pop(k)
-        return d
+    lr: float = option(5e-6, "peak learning rate")
+    decay_style: str = option("cosine", "decay after warm-up: constant | linear | cosine")
+    global_batch: int = option(512, "examples per optimizer step", flag="--global-batch")
+    max_length: Optional[int] = option(None, "tokens per example at most (default: the model's "
+                                             "max_position_embeddings)")
+    use_completions: bool = option(False, "also train on MC completions, labelled with their single-sample outcome")
+    heldout_fraction: float = option(0.1, "fraction of problems held out for the calibration metrics")
+    data: str = option("examples", "examples: one sequence per solution / completion; tree: one prefix tree per "
+                                   "problem, each distinct step-prefix once (dapo_mcore.critic.tree)")
+    tree_weighting: str = option("count", "tree: a label's weight: count (rollouts through the node) | sqrt | one")
+    tree_min_count: int = option(1, "tree: drop nodes fewer rollouts passed through (2: no single-rollout tails)")
+    step_checker: str = option("", "task step checker for the held-out ranking diagnostics ('chain'); "
+                                   "diagnostics only", identity=False)
 
 
 def value_forward_step(model, batch: dict):
     """Value logits at the labelled positions; loss = BCE-with-logits sum (weighted by ``batch["weights"]``
     when present, weights of mean ~1), count = #labels."""
-    from dapo_mcore.training.trainer import make_loss_fn
-
     out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
                 packed_seq_params=batch.get("packed_seq_params"))
 
@@ -90,8 +76,6 @@ def predict(chunks: list, examples: list[CriticExample], token_budget: int, pad_
             rows_per_microbatch: int = 1) -> list[float]:
     """V at every label of ``examples`` (in order), through the pipeline; the same list on every rank.
     Batches in the layout the chunks were built for (THD or dense mask: ``model_packing``)."""
-    from dapo_mcore.models.gpt import model_packing
-
     if not examples:
         return []
     mbs = pack_examples(examples, token_budget, pad_id, rows_per_microbatch, model_packing(chunks))
@@ -102,8 +86,6 @@ def predict(chunks: list, examples: list[CriticExample], token_budget: int, pad_
 def predict_trees(chunks: list, trees: list, token_budget: int, pad_id: int,
                   rows_per_microbatch: int = 1) -> dict[tuple[int, int], float]:
     """V at every labelled node of ``trees``: ``{(tree index, node index): value}`` (tree rows, forward only)."""
-    from dapo_mcore.critic.tree import pack_pieces, tree_pieces
-
     pieces = tree_pieces(trees, token_budget)
     if not pieces:
         return {}
@@ -114,12 +96,9 @@ def predict_trees(chunks: list, trees: list, token_budget: int, pad_id: int,
 
 
 def heldout_ranking(chunks: list, records: list[dict], tok, cfg: CriticConfig, pad_id: int) -> dict:
-    """Action-ranking accuracy of the critic on held-out problems (:func:`~dapo_mcore.critic.metrics.action_ranking`):
+    """Action-ranking accuracy of the critic on held-out problems (:func:`~dapo_mcore.verify.steps.action_ranking`):
     the distinct first steps of each non-terminal state's completions, their MC outcome (mean reward of the
     rollouts through them) and, with ``cfg.step_checker``, whether each step is right."""
-    from dapo_mcore.critic.metrics import action_ranking, state_is_clean, step_checker
-    from dapo_mcore.critic.tree import build_trees, split_completion
-
     if not records:
         return {}
     check = step_checker(cfg.step_checker) if cfg.step_checker else None
@@ -161,9 +140,6 @@ def heldout_ranking(chunks: list, records: list[dict], tok, cfg: CriticConfig, p
 def _build_tree_data(cfg: CriticConfig, records: list[dict], tok, max_len: int):
     """Training pieces of the prefix trees of the non-held-out problems, the weight scale that makes the
     mean label weight 1, and counts."""
-    from dapo_mcore.critic.data import is_heldout
-    from dapo_mcore.critic.tree import build_trees, node_weight, prune, tree_pieces, tree_stats
-
     train_recs = [r for r in records if not is_heldout(r["problem_id"], cfg.heldout_fraction, cfg.seed)]
     trees = build_trees(train_recs, tok.encode("\n", add_special_tokens=False), tok.eos_token_id,
                         use_completions=cfg.use_completions)
@@ -197,15 +173,7 @@ def _build_examples(cfg: CriticConfig, mc_dir: str | Path, tok, max_len: int) ->
 
 def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path) -> dict:
     """Train (or resume) the critic on a finished ``mc`` output; returns the summary (every rank)."""
-    import torch.distributed as dist
     from transformers import AutoTokenizer
-
-    from dapo_mcore.models.convert import save_hf_checkpoint
-    from dapo_mcore.models.gpt import model_packing
-    from dapo_mcore.models.hf_config import load_arch
-    from dapo_mcore.parallel.runtime import initialize_parallel
-    from dapo_mcore.training.loop import (LoopConfig, epoch_batches, load_chunks, make_trainer, pad_token_id, resume,
-                                          run_loop, tensorboard_scalars, write_summary)
 
     if not cfg.init_path:
         raise ValueError("critic.init_path is required (an HF checkpoint to initialise the critic from)")
@@ -221,8 +189,6 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
         raise ValueError(f"critic.data must be 'examples' or 'tree', got {cfg.data!r}")
     train, val, counts = _build_examples(cfg, mc_dir, tok, max_len)
     if cfg.data == "tree":
-        from dapo_mcore.critic.tree import pack_pieces
-
         records = read_mc(mc_dir)
         trees, pieces, wscale, train_mean, tcounts = _build_tree_data(cfg, records, tok, max_len)
         counts = {**{k: counts[k] for k in ("mc_states", "val_examples", "val_labels")}, **tcounts}
@@ -237,7 +203,7 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     steps = epoch_batches(n_items, cfg.global_batch, cfg.epochs, cfg.seed)
     trainer = make_trainer(chunks, cfg, total_steps=len(steps))
     resume(trainer, out / "checkpoints")
-    loop = LoopConfig("critic", len(steps), cfg.save_interval, cfg.max_steps, cfg.show_progress, cfg.tensorboard)
+    loop = cfg.loop("critic", len(steps))
     packing = model_packing(trainer.chunks)          # "thd" | "dense_mask", from the fast-path switch
     if cfg.data == "tree":   # tree rows need the dense mask (a node attends to its ancestors, not a causal run)
         def batches(i):
@@ -261,7 +227,6 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     train_sol = [e for e in train if e.kind == "solution"][:2000]
     train_preds = predict(trainer.chunks, train_sol, cfg.token_budget, pad_id, cfg.rows_per_microbatch)
     train_metrics = critic_metrics(train_preds, [t for e in train_sol for t in e.targets], train_mean)
-    from dapo_mcore.critic.data import is_heldout
 
     t_rank = time.time()
     val_recs = [r for r in read_mc(mc_dir) if is_heldout(r["problem_id"], cfg.heldout_fraction, cfg.seed)]
@@ -276,7 +241,7 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
         tensorboard_scalars(out, "critic_heldout", metrics, trainer.step)
     if rank0 and preds:
         calibration_plot(preds, targets, out / "calibration.png", title="held-out critic")
-    write_summary(out, summary)
+    save_summary(out, summary)
     if rank0:
         rk = metrics.get("ranking") or {}
         print(f"[critic] held-out Brier {metrics['brier']:.4f} vs constant {metrics['brier_baseline']:.4f}, "
@@ -286,29 +251,10 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     return summary
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="DAPO stage 3: train the critic V(s) on MC values (megatron).")
-    ap.add_argument("--mc", required=True, help="output directory of the mc stage")
-    ap.add_argument("--init", required=True, help="HF checkpoint to initialise the critic from")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--lr", type=float, default=5e-6)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--token-budget", type=int, default=4096)
-    ap.add_argument("--use-completions", action="store_true")
-    add_parallel_args(ap)   # also --global-batch (examples), --micro-batch (rows), fast-path flags
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=0, help="stop (resumably) after this many steps")
-    a = ap.parse_args(argv)
-    d = CriticConfig()
-    cfg = CriticConfig(init_path=a.init, lr=a.lr, epochs=a.epochs, global_batch=a.global_batch or d.global_batch,
-                       token_budget=a.token_budget, rows_per_microbatch=a.micro_batch or d.rows_per_microbatch,
-                       use_completions=a.use_completions, seed=a.seed, max_steps=a.max_steps,
-                       parallel=parallel_from_args(a))
-    run_train_critic(cfg, a.mc, a.out)
-
-
-if __name__ == "__main__":
-    from dapo_mcore.parallel.runtime import process_group_scope
-
-    with process_group_scope():
-        main()
+def summary_note(summary: dict) -> str:
+    """The critic's line in the report's stage table."""
+    sec = summary.get("seconds") or 0.0
+    if not sec:
+        return ""
+    n = summary["counts"]["train_labels"] * summary.get("config", {}).get("epochs", 1)
+    return f"{summary['steps']} steps, {n / sec:.0f} labelled states/s"

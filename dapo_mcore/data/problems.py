@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dapo_mcore.data.code_spec import parse_code_spec
+
 REQUIRED_FIELDS = ("id", "prompt", "answer")
 
 
@@ -22,7 +24,7 @@ class ProblemSetError(ValueError):
 @dataclass(frozen=True)
 class Problem:
     """One problem. ``answer`` is the reference answer string given to the verifier (for code
-    problems: the JSON text of the test spec, see :mod:`dapo_mcore.verify.code`)."""
+    problems: the JSON text of the test spec, see :mod:`dapo_mcore.data.code_spec`)."""
 
     id: str
     prompt: str
@@ -59,9 +61,7 @@ def _validate(row: Any, where: str, seen: set[str]) -> Problem:
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         raise ProblemSetError(f"{where}: field 'prompt' must be a non-empty string")
     ans = row["answer"]
-    if isinstance(ans, dict):   # code problems: the answer is a test spec (dapo_mcore.verify.code)
-        from dapo_mcore.verify.code import parse_code_spec
-
+    if isinstance(ans, dict):   # code problems: the answer is a test spec (dapo_mcore.data.code_spec)
         try:
             parse_code_spec(ans)
         except ValueError as e:
@@ -124,24 +124,44 @@ def read_problems(path: str | Path, skip_bad_rows: bool = False) -> ProblemSet:
     return ProblemSet(problems=problems, path=str(path), skipped=skipped)
 
 
+PROMPT_TEMPLATE_DEFAULT = "auto"
+
+
+def uses_chat_template(template: str, tokenizer=None) -> bool:
+    """Whether ``template`` renders through the tokenizer's chat template: ``"chat"`` always, ``"auto"``
+    (the default) when the tokenizer has a ``chat_template``, a format string never."""
+    if template == "chat":
+        return True
+    return template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """How a problem's text becomes the model input.
 
-    ``template``: a format string with ``{prompt}`` (e.g. ``"Question: {prompt}\\nAnswer:\\n"``), or
-    the literal ``"chat"`` to use the tokenizer's chat template with one user turn and the
-    generation prompt appended. ``system``: optional system message for ``"chat"``.
+    ``template``: a format string with ``{prompt}`` (e.g. ``"Question: {prompt}\\nAnswer:\\n"``); the
+    literal ``"chat"`` to use the tokenizer's chat template with one user turn and the generation prompt
+    appended; or ``"auto"`` (the default): the chat template when the tokenizer has one (a chat model such
+    as SmolLM2-Instruct / Qwen-Instruct), else the problem text as it is (``"{prompt}"``; the toy
+    tokenizers). ``system``: optional system message for the chat template (without one, the template's
+    own default system turn applies, e.g. SmolLM2's).
     """
 
-    template: str = "{prompt}"
+    template: str = PROMPT_TEMPLATE_DEFAULT
     system: str | None = None
 
     def __post_init__(self):
-        if self.template != "chat" and "{prompt}" not in self.template:
-            raise ValueError(f"PromptTemplate.template must contain '{{prompt}}' or be 'chat', got {self.template!r}")
+        if self.template not in ("chat", "auto") and "{prompt}" not in self.template:
+            raise ValueError("PromptTemplate.template must contain '{prompt}' or be 'chat' or 'auto', "
+                             f"got {self.template!r}")
 
     def render_text(self, problem: Problem, tokenizer=None) -> str:
-        if self.template == "chat":
+        if self.template == "auto":
+            if tokenizer is None:
+                raise ValueError("PromptTemplate 'auto' needs the tokenizer (chat template or plain text)")
+            if not uses_chat_template("auto", tokenizer):
+                return problem.prompt
+        if self.template in ("chat", "auto"):
             if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                 raise ValueError("PromptTemplate 'chat' needs a tokenizer with a chat_template")
             msgs = ([{"role": "system", "content": self.system}] if self.system else [])

@@ -223,12 +223,14 @@ def input_identity(out_dir: str | Path) -> dict:
             "shards": {k: v["sha256"] for k, v in sorted(m["shards"].items())}}
 
 
-def write_json_summary(out_dir: str | Path, name: str, summary: dict) -> Path:
-    path = Path(out_dir) / name
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """Write a stage's ``summary.json`` atomically (the one writer of that file; distributed stages call it on
+    rank 0): a stage's summary exists only once its outputs do."""
+    path = Path(out_dir) / "summary.json"
     atomic_write_json(path, summary)
     return path
 
 
 __all__ = ["ShardError", "ShardedWriter", "config_hash", "atomic_write_bytes", "atomic_write_json",
            "iter_records", "load_manifest", "read_shard_file", "chunk", "input_identity",
-           "write_json_summary"]
+           "write_summary"]

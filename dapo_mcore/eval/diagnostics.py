@@ -21,6 +21,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.data.shards import iter_records
+from dapo_mcore.verify.steps import action_ranking, state_is_clean
+from dapo_mcore.verify.steps import step_checker as get_checker
+
 
 def _load(path: Path) -> Optional[dict]:
     try:
@@ -30,8 +34,6 @@ def _load(path: Path) -> Optional[dict]:
 
 
 def _positions(mc_dir: Path) -> dict[str, int]:
-    from dapo_mcore.data.shards import iter_records
-
     return {r["state_id"]: int(r["num_steps"]) for r in iter_records(mc_dir)}
 
 
@@ -49,12 +51,7 @@ def advantage_by_position(adv_dir: Path, positions: dict[str, int], check=None, 
     """Per step position: candidate states, kept fraction, mean |A| kept; for critic advantages also the
     ranking of the critic's Q against the MC outcomes (actions a completion started) and, with ``check`` (a
     step checker) and ``tok``, against step correctness (every action, one-step candidates included)."""
-    from dapo_mcore.critic.metrics import action_ranking
-    from dapo_mcore.data.shards import iter_records
-
     rows: dict[int, dict] = {}
-    from dapo_mcore.critic.metrics import state_is_clean
-
     mc_states, cor_states = [], []
     for r in iter_records(adv_dir):
         pos = positions.get(r["state_id"], -1)
@@ -93,8 +90,6 @@ def advantage_by_position(adv_dir: Path, positions: dict[str, int], check=None, 
 
 
 def rft_coverage(gen_dir: Path) -> dict:
-    from dapo_mcore.data.shards import iter_records
-
     n = solved = samples = correct = 0
     for r in iter_records(gen_dir):
         n += 1
@@ -139,8 +134,6 @@ def iteration_diagnostics(it: str | Path, step_checker: str = "") -> dict:
         positions = _positions(it / "mc")
         check = tok = None
         if step_checker:
-            from dapo_mcore.critic.metrics import step_checker as get_checker
-
             check, tok = get_checker(step_checker), _tokenizer(it)
         for stage, key in (("advantage", "critic"), ("advantage-outcome", "outcome")):
             if (it / stage / "manifest.json").is_file():

@@ -8,29 +8,34 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dapo_mcore.rollout.common import BackendConfig
+from dapo_mcore.config import option
+from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT, PromptTemplate, read_problems
+from dapo_mcore.data.shards import atomic_write_bytes, atomic_write_json, chunk
+from dapo_mcore.eval.stats import wilson_interval
+from dapo_mcore.rollout.backend import GenRequest, SamplingParams
+from dapo_mcore.rollout.common import BackendConfig, make_backend, progress
+from dapo_mcore.verify import make_verifier
 
 
 @dataclass
 class EvalConfig:
-    """Paper: zero-shot greedy, at most 2048 new tokens. ``limit``: first N problems per set (0: all).
-    ``verifier``/``prompt_template``/``system_prompt``/``verify_timeout_s`` must match generation (the
-    pipeline copies them from the generate section)."""
+    """Stage 6 (eval). Paper: zero-shot greedy, at most 2048 new tokens. The verifier and prompt settings must
+    match generation (the pipeline copies them from the generate section)."""
 
-    max_new_tokens: int = 2048
-    batch_requests: int = 64
-    confidence: float = 0.95
-    limit: int = 0
-    verifier: str = "exact"
-    verify_timeout_s: float = 5.0
-    prompt_template: str = "{prompt}"
-    system_prompt: Optional[str] = None
-    show_progress: bool = True
-    backend: BackendConfig = field(default_factory=BackendConfig)
+    max_new_tokens: int = option(2048, "new tokens per answer at most (greedy)")
+    batch_requests: int = option(64, "problems sent to the backend at once", identity=False)
+    confidence: float = option(0.95, "confidence of the Wilson and paired intervals")
+    limit: int = option(0, "first N problems of each set (0: all)")
+    verifier: str = option("exact", "answer verifier: exact | math | code")
+    verify_timeout_s: float = option(5.0, "verifier time limit per answer")
+    prompt_template: str = option(PROMPT_TEMPLATE_DEFAULT, "auto (the tokenizer's chat template if it has one, else the problem text) | chat | a format string with {prompt}")
+    system_prompt: Optional[str] = option(None, "system message of the 'chat' template")
+    show_progress: bool = option(True, "progress bar", identity=False)
+    backend: BackendConfig = option(factory=BackendConfig, doc="generation backend")
 
 
 @dataclass
@@ -55,8 +60,6 @@ class SetResult:
         return self.correct / self.n if self.n else float("nan")
 
     def interval(self) -> tuple[float, float]:
-        from dapo_mcore.eval.stats import wilson_interval
-
         return wilson_interval(self.correct, self.n, self.confidence)
 
     def as_dict(self) -> dict:
@@ -68,12 +71,6 @@ class SetResult:
 def evaluate_set(cfg: EvalConfig, backend, tokenizer, name: str, problems_path: str | Path,
                  out_jsonl: Optional[Path] = None) -> SetResult:
     """Greedy-decode every problem of one set and verify it; optionally write per-problem lines."""
-    from dapo_mcore.data.problems import PromptTemplate, read_problems
-    from dapo_mcore.data.shards import atomic_write_bytes, chunk
-    from dapo_mcore.rollout.backend import GenRequest, SamplingParams
-    from dapo_mcore.rollout.common import progress
-    from dapo_mcore.verify import make_verifier
-
     problems = read_problems(problems_path).problems
     if cfg.limit:
         problems = problems[:cfg.limit]
@@ -103,10 +100,6 @@ def evaluate_checkpoint(cfg: EvalConfig, model_path: str | Path, sets: dict[str,
                         backend=None) -> dict[str, SetResult]:
     """Evaluate ``model_path`` on every set; write ``out_dir/<set>.jsonl`` and ``out_dir/results.json``."""
     from transformers import AutoTokenizer
-
-    from dapo_mcore.data.problems import read_problems
-    from dapo_mcore.data.shards import atomic_write_json
-    from dapo_mcore.rollout.common import make_backend
 
     if not sets:
         raise ValueError("no evaluation problem sets given (data.eval is empty)")

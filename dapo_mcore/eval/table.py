@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dapo_mcore.data.shards import atomic_write_bytes, atomic_write_json
 from dapo_mcore.eval.evaluate import SetResult
 from dapo_mcore.eval.stats import paired_difference
 
@@ -63,8 +64,6 @@ def comparison_markdown(cmp: dict) -> str:
 
 def write_comparison(results: dict[str, dict[str, SetResult]], out_dir: str | Path) -> dict:
     """Write ``comparison.json`` and ``comparison.md`` into ``out_dir``; return the comparison dict."""
-    from dapo_mcore.data.shards import atomic_write_bytes, atomic_write_json
-
     cmp = compare(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

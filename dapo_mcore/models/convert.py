@@ -9,7 +9,11 @@
 
 Layouts that matter (``../shared/notes/megatron-core-on-cpu.md``): megatron's fused QKV is interleaved per
 KV group (``[q heads of group g; k_g; v_g]`` for each group, weight and bias) and a plain split on dim 0
-gives the TP shards; the SwiGLU ``linear_fc1`` is ``[gate; up]`` *per TP rank*.
+gives the TP shards; the SwiGLU ``linear_fc1`` is ``[gate; up]`` *per TP rank*. Qwen3's q/k RMSNorm
+weights (``q_norm``/``k_norm``, ``[head_dim]``) are replicated. MoE (Qwen3-MoE ``mlp.experts.{e}.{gate,up,
+down}_proj``, Mixtral ``block_sparse_moe.experts.{e}.{w1,w3,w2}``, the hub's per-expert layout; router
+``gate`` -> ``mlp.router``): megatron's ``SequentialMLP`` holds ``E/ep`` local experts per EP rank (local
+``j`` = global ``ep_rank * E/ep + j``), each ``linear_fc1`` ``[gate; up]`` per expert-TP rank like the dense MLP.
 The value model is written as ``<Arch>ForTokenClassification`` with ``num_labels=1`` (``score.weight``,
 ``score.bias``).
 """
@@ -26,9 +30,11 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from dapo_mcore.models.hf_config import ArchSpec
+from dapo_mcore.models.gpt import unwrap_model
+from dapo_mcore.models.hf_config import GGUF_ADVICE, ArchSpec
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
@@ -38,6 +44,21 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def _no_safetensors_message(d: Path) -> str:
+    """What is wrong with a checkpoint directory that has no safetensors weights, and what to do."""
+    msg = f"{d}: no model.safetensors or model.safetensors.index.json"
+    if not d.is_dir():
+        return msg
+    gguf = sorted(d.glob("*.gguf"))
+    if gguf:
+        return f"{msg}; found a GGUF (quantised llama.cpp) file {gguf[0].name}. {GGUF_ADVICE}"
+    bins = sorted(d.glob("pytorch_model*.bin"))
+    if bins:
+        return (f"{msg}; found PyTorch pickle weights ({bins[0].name}): convert them to safetensors first "
+                "(transformers: from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
+    return msg
+
+
 class HFReader:
     """Lazy reader of an HF safetensors checkpoint (single file or sharded with an index)."""
 
@@ -54,7 +75,7 @@ class HFReader:
         elif single.is_file():
             self.weight_map = {k: single.name for k in self._open(single.name).keys()}
         else:
-            raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+            raise CheckpointError(_no_safetensors_message(self.dir))
 
     def _open(self, fname: str):
         if fname not in self._handles:
@@ -96,6 +117,14 @@ class _Layout:
     tp: int
     tp_rank: int
     value: bool
+    ep: int = 1          # expert parallel size / rank (MoE): local expert j is global expert ep_rank * E/ep + j
+    ep_rank: int = 0
+    etp: int = 1         # experts' tensor parallel size / rank (megatron's expert_tensor_parallel_*)
+    etp_rank: int = 0
+
+    @property
+    def local_experts(self) -> int:
+        return self.arch.num_experts // self.ep
 
     @property
     def groups_per_rank(self) -> int:
@@ -108,6 +137,29 @@ class _Layout:
 
 def _hf_attn(layer: int, proj: str, kind: str) -> str:
     return f"model.layers.{layer}.self_attn.{proj}.{kind}"
+
+
+def _hf_router(arch: ArchSpec, layer: int) -> str:
+    block = "block_sparse_moe" if arch.model_type == "mixtral" else "mlp"
+    return f"model.layers.{layer}.{block}.gate.weight"
+
+
+def _hf_expert(arch: ArchSpec, layer: int, e: int) -> tuple[str, str, str]:
+    """HF names of expert ``e``'s (gate, up, down) weights (the hub's per-expert safetensors layout)."""
+    if arch.model_type == "mixtral":
+        pre = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
+        return f"{pre}.w1.weight", f"{pre}.w3.weight", f"{pre}.w2.weight"
+    pre = f"model.layers.{layer}.mlp.experts.{e}"
+    return f"{pre}.gate_proj.weight", f"{pre}.up_proj.weight", f"{pre}.down_proj.weight"
+
+
+def _expert_param(name: str) -> Optional[tuple[int, int, str]]:
+    """``(local layer, local expert, "linear_fc1"|"linear_fc2")`` of a megatron expert weight, else None."""
+    m = _LAYER_RE.match(name)
+    if not m:
+        return None
+    e = _EXPERT_RE.match(m.group(2))
+    return (int(m.group(1)), int(e.group(1)), e.group(2)) if e else None
 
 
 def _read_local(rd: HFReader, lay: _Layout, mname: str, layer_offset: int, lm_head: bool) -> Tensor:
@@ -152,6 +204,20 @@ def _read_local(rd: HFReader, lay: _Layout, mname: str, layer_offset: int, lm_he
         return torch.cat(parts, 0)
     if rest == "self_attention.linear_proj.weight":
         return cols(_hf_attn(L, "o_proj", "weight"), a.num_heads * a.head_dim)
+    if rest == "self_attention.q_layernorm.weight":
+        return rd.slice(_hf_attn(L, "q_norm", "weight"))
+    if rest == "self_attention.k_layernorm.weight":
+        return rd.slice(_hf_attn(L, "k_norm", "weight"))
+    if rest == "mlp.router.weight":
+        return rd.slice(_hf_router(a, L))
+    if (em := _EXPERT_RE.match(rest)) is not None:
+        e = lay.ep_rank * lay.local_experts + int(em.group(1))
+        gate, up, down = _hf_expert(a, L, e)
+        f, n, k = a.moe_ffn_hidden_size, lay.etp, lay.etp_rank
+        if em.group(2) == "linear_fc1":
+            return torch.cat([rd.slice(gate, 0, k * f // n, (k + 1) * f // n),
+                              rd.slice(up, 0, k * f // n, (k + 1) * f // n)], 0)
+        return rd.slice(down, 1, k * f // n, (k + 1) * f // n)
     if rest == "mlp.linear_fc1.weight":
         f = a.ffn_hidden_size
         return torch.cat([rows(f"{pre}.mlp.gate_proj.weight", f), rows(f"{pre}.mlp.up_proj.weight", f)], 0)
@@ -194,6 +260,18 @@ def _to_hf(lay: _Layout, mname: str, shards: list[Tensor], layer_offset: int) ->
                 (_hf_attn(L, "v_proj", kind), v.contiguous())]
     if rest == "self_attention.linear_proj.weight":
         return [(_hf_attn(L, "o_proj", "weight"), torch.cat(shards, 1))]
+    if rest == "self_attention.q_layernorm.weight":
+        return [(_hf_attn(L, "q_norm", "weight"), shards[0])]
+    if rest == "self_attention.k_layernorm.weight":
+        return [(_hf_attn(L, "k_norm", "weight"), shards[0])]
+    if rest == "mlp.router.weight":
+        return [(_hf_router(a, L), shards[0])]
+    if (em := _EXPERT_RE.match(rest)) is not None:   # here the expert index is global (see _model_hf_tensors)
+        gate, up, down = _hf_expert(a, L, int(em.group(1)))
+        if em.group(2) == "linear_fc1":
+            half = shards[0].shape[0] // 2
+            return [(gate, torch.cat([x[:half] for x in shards], 0)), (up, torch.cat([x[half:] for x in shards], 0))]
+        return [(down, torch.cat(shards, 1))]
     if rest == "mlp.linear_fc1.weight":
         half = shards[0].shape[0] // 2
         return [(f"{pre}.mlp.gate_proj.weight", torch.cat([s[:half] for s in shards], 0)),
@@ -203,10 +281,15 @@ def _to_hf(lay: _Layout, mname: str, shards: list[Tensor], layer_offset: int) ->
     raise CheckpointError(f"no HF mapping for megatron tensor {mname!r}")
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+def _rank_layout(arch: ArchSpec, value: bool) -> _Layout:
+    """This rank's coordinates in megatron's current layout (TP, and EP/expert-TP for MoE)."""
+    from megatron.core import parallel_state as ps
+
+    kw = {}
+    if arch.is_moe:
+        kw = dict(ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+                  etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank())
+    return _Layout(arch, ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), value, **kw)
 
 
 def _layer_offset(chunk) -> int:
@@ -227,21 +310,19 @@ def _local_params(chunk) -> Iterable[tuple[str, Tensor]]:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_hf_weights(chunks: list, model_dir: str | Path, arch: ArchSpec, *, init_value_head: bool = True) -> None:
-    """Copy HF weights into this rank's megatron chunk(s), slicing for its TP rank.
+    """Copy HF weights into this rank's megatron chunk(s), slicing for its TP rank (and, for MoE, reading only
+    this EP rank's experts, sliced for its expert-TP rank).
 
     For the value model, ``score.*`` is loaded if the checkpoint has it (a value-model export);
     otherwise (initialising the critic from a policy) the head keeps its fresh init when
     ``init_value_head`` is True, and a missing head is an error when it is False.
     """
-    from megatron.core import parallel_state as ps
-
     rd = HFReader(model_dir)
-    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     lm_head = rd.has("lm_head.weight")
     for chunk in chunks:
-        chunk = _unwrap(chunk)
-        value = bool(getattr(chunk, "is_value_model", False))
-        lay = _Layout(arch, tp, r, value)
+        chunk = unwrap_model(chunk)
+        lay = _rank_layout(arch, bool(getattr(chunk, "is_value_model", False)))
+        value = lay.value
         off = _layer_offset(chunk)
         for name, p in _local_params(chunk):
             if value and name.startswith("output_layer.") and not rd.has("score.weight"):
@@ -299,8 +380,19 @@ def hf_config_dict(arch: ArchSpec, value: bool, base: Optional[dict] = None) -> 
         cfg["head_dim"] = arch.head_dim
     if "rope_parameters" not in cfg and "rope_theta" not in cfg:
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": arch.rope_theta}
-    if arch.model_type == "llama":
+    if arch.model_type in ("llama", "qwen3", "qwen3_moe"):
         cfg.setdefault("attention_bias", arch.qkv_bias)
+    if arch.model_type in ("qwen3", "qwen3_moe", "mistral", "mixtral"):
+        cfg["head_dim"] = arch.head_dim
+    if arch.model_type in ("mistral", "mixtral"):
+        cfg.setdefault("sliding_window", arch.sliding_window)
+    if arch.model_type == "qwen3_moe":
+        cfg.update(num_experts=arch.num_experts, moe_intermediate_size=arch.moe_ffn_hidden_size,
+                   num_experts_per_tok=arch.moe_topk, norm_topk_prob=arch.moe_norm_topk)
+        cfg.setdefault("decoder_sparse_step", 1)
+        cfg.setdefault("mlp_only_layers", [])
+    if arch.model_type == "mixtral":
+        cfg.update(num_local_experts=arch.num_experts, num_experts_per_tok=arch.moe_topk)
     cls = arch.hf_architecture
     if value:
         cls = cls.replace("ForCausalLM", "ForTokenClassification")
@@ -314,7 +406,7 @@ def hf_config_dict(arch: ArchSpec, value: bool, base: Optional[dict] = None) -> 
 def _model_hf_tensors(chunks: list, arch: ArchSpec, getter: Callable[[str, Tensor], Optional[Tensor]]):
     """Yield ``(chunk_index, hf_name, full_tensor)`` on this stage's TP-rank-0/DP-rank-0 process.
 
-    Collective over the TP group. ``getter(name, param)`` picks what to convert (the weight, its grad, ...);
+    Collective over the TP group (MoE experts: the expert-TP and EP groups). ``getter(name, param)`` picks what to convert (the weight, its grad, ...);
     returning None skips the tensor. Also yields nothing (but takes part in the gathers) on other ranks.
     """
     import torch.distributed as dist
@@ -324,9 +416,9 @@ def _model_hf_tensors(chunks: list, arch: ArchSpec, getter: Callable[[str, Tenso
     tp_group = ps.get_tensor_model_parallel_group()
     writer = r == 0 and ps.get_data_parallel_rank() == 0
     for ci, chunk in enumerate(chunks):
-        chunk = _unwrap(chunk)
-        value = bool(getattr(chunk, "is_value_model", False))
-        lay = _Layout(arch, tp, r, value)
+        chunk = unwrap_model(chunk)
+        lay = _rank_layout(arch, bool(getattr(chunk, "is_value_model", False)))
+        value = lay.value
         off = _layer_offset(chunk)
         for name, p in _local_params(chunk):
             if name == "output_layer.weight" and arch.tie_word_embeddings and not value:
@@ -334,10 +426,17 @@ def _model_hf_tensors(chunks: list, arch: ArchSpec, getter: Callable[[str, Tenso
             t = getter(name, p)
             if t is None:
                 continue
-            t = t.detach()
+            t = t.detach().contiguous()
+            expert = _expert_param(name) if arch.is_moe else None
+            if expert is not None:
+                for gname, shards in _gather_expert(lay, name, expert, t):
+                    if writer:
+                        for hname, ht in _to_hf(lay, gname, shards, off):
+                            yield ci, hname, ht
+                continue
             if getattr(p, "tensor_model_parallel", False) and tp > 1:
                 shards = [torch.empty_like(t) for _ in range(tp)]
-                dist.all_gather(shards, t.contiguous(), group=tp_group)
+                dist.all_gather(shards, t, group=tp_group)
             else:
                 shards = [t]
             if writer:
@@ -345,8 +444,31 @@ def _model_hf_tensors(chunks: list, arch: ArchSpec, getter: Callable[[str, Tenso
                     yield ci, hname, ht
 
 
+def _gather_expert(lay: _Layout, name: str, expert: tuple[int, int, str], t: Tensor):
+    """``(megatron name with the *global* expert index, expert-TP shards)`` for every EP rank's copy of local
+    expert ``j`` (collective over the expert-TP and EP groups)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    layer, j, which = expert
+    shards = [t]
+    if lay.etp > 1:
+        shards = [torch.empty_like(t) for _ in range(lay.etp)]
+        dist.all_gather(shards, t, group=ps.get_expert_tensor_parallel_group())
+    per_ep = [shards]
+    if lay.ep > 1:
+        per_ep = [[None] * len(shards) for _ in range(lay.ep)]
+        for i, s in enumerate(shards):
+            got = [torch.empty_like(s) for _ in range(lay.ep)]
+            dist.all_gather(got, s, group=ps.get_expert_model_parallel_group())
+            for k in range(lay.ep):
+                per_ep[k][i] = got[k]
+    for k, sh in enumerate(per_ep):
+        yield f"decoder.layers.{layer}.mlp.experts.local_experts.{k * lay.local_experts + j}.{which}.weight", sh
+
+
 def _is_value(chunks: list) -> bool:
-    return bool(getattr(_unwrap(chunks[0]), "is_value_model", False))
+    return bool(getattr(unwrap_model(chunks[0]), "is_value_model", False))
 
 
 def collect_hf_state(chunks: list, arch: ArchSpec,

@@ -7,7 +7,7 @@
   state's length);
 * THD packed batches (``packed_seq_params``, ``input_ids`` ``[1, T]``, no mask): megatron's own RoPE then
   restarts at 0 in every ``cu_seqlens`` document, which is what THD ``position_ids`` say (checked), and the
-  core attention is :class:`~dapo_mcore.parallel.fast_paths.ThdCoreAttention` on CPU (TE's on GPU);
+  core attention is :class:`~dapo_mcore.models.attention.ThdCoreAttention` on CPU (TE's on GPU);
 * ``forward(..., output="hidden")`` returning the final-norm hidden states ``[b, s, H]`` instead of
   logits, so the fused log-prob kernel can read them with :meth:`output_weight` and never build
   ``[tokens, vocab]`` logits.
@@ -21,7 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dapo_mcore.models.attention import FlexCoreAttention, ThdCoreAttention, block_mask_from_dense
 from dapo_mcore.models.hf_config import ArchSpec, transformer_config
+from dapo_mcore.packing import thd_positions
+from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
 
 
 class ValueHead(torch.nn.Module):
@@ -45,13 +48,12 @@ def default_paths():
     """The fast-path choice for this machine and the current TP size (``FastPathConfig()`` defaults)."""
     from megatron.core import parallel_state as ps
 
-    from dapo_mcore.parallel.fast_paths import FastPathConfig, resolve
-
     return resolve(FastPathConfig(), tp=ps.get_tensor_model_parallel_world_size())
 
 
-def _layer_spec(paths):
-    """The layer spec the fast-path switch chose (``paths``: a ``ResolvedPaths``).
+def _layer_spec(paths, arch: Optional[ArchSpec] = None):
+    """The layer spec the fast-path switch chose (``paths``: a ``ResolvedPaths``) for ``arch`` (q/k RMSNorm
+    for Qwen3; for MoE the spec's MoE layer with ``SequentialMLP`` experts, the layout the HF converter maps).
 
     Core attention: the spec's own, or ``FlexCoreAttention`` with ``shared_prefix_attention == "flex"``
     (masked rows). With ``packing == "thd"`` it is wrapped in ``ThdCoreAttention`` (THD batches: CPU varlen
@@ -61,12 +63,12 @@ def _layer_spec(paths):
 
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    from dapo_mcore.parallel.fast_paths import FlexCoreAttention, ThdCoreAttention
-
+    kw = dict(num_experts=arch.num_experts if arch is not None else None, moe_grouped_gemm=False,
+              qk_layernorm=bool(arch is not None and arch.qk_norm))
     if paths.layer_spec == "transformer_engine":
-        spec = specs.get_gpt_layer_with_transformer_engine_spec()
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(**kw)
     else:
-        spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm", **kw)
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention.submodules
     native = attn.core_attention
@@ -90,6 +92,11 @@ def _gpt_model_class():
                     *args, output: str = "logits", packed_seq_params=None, **kwargs):
             if output not in ("logits", "hidden"):
                 raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+            span = getattr(self, "max_attention_span", None)
+            if span is not None and position_ids is not None and position_ids.numel() \
+                    and int(position_ids.max()) >= span:
+                raise ValueError(f"position {int(position_ids.max())} is beyond the model's sliding window "
+                                 f"({span}): full causal attention equals the window only within it")
             thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
             if thd:
                 _check_thd_inputs(input_ids, position_ids, attention_mask, packed_seq_params)
@@ -97,8 +104,6 @@ def _gpt_model_class():
             elif packed_seq_params is not None:
                 raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
             if getattr(self, "attention_backend", "dense_mask") == "flex" and torch.is_tensor(attention_mask):
-                from dapo_mcore.parallel.fast_paths import block_mask_from_dense
-
                 attention_mask = block_mask_from_dense(attention_mask)
             self._output_mode = output
             # THD: megatron's cu_seqlens RoPE (positions restart per document) == position_ids (checked)
@@ -146,19 +151,22 @@ def _check_thd_inputs(input_ids: Optional[Tensor], position_ids: Optional[Tensor
                          f"got {tuple(position_ids.shape)}")
     if input_ids is not None and input_ids.shape != position_ids.shape:
         raise ValueError(f"THD input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
-    from dapo_mcore.parallel.fast_paths import thd_positions
-
     if not torch.equal(position_ids[0], thd_positions(cu).to(position_ids.device)):
         raise ValueError("THD position_ids must restart at 0 in every cu_seqlens document (megatron's RoPE does)")
+
+
+def unwrap_model(model):
+    """The model inside megatron's DDP / Float16 wrappers (each holds the next as ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def model_packing(chunks) -> str:
     """The packing (``"thd"`` | ``"dense_mask"``) the model chunk(s) were built for (``ResolvedPaths.packing``),
     through DDP/Float16 wrappers: what batch builders must produce for them."""
     m = chunks[0] if isinstance(chunks, (list, tuple)) else chunks
-    while hasattr(m, "module"):
-        m = m.module
-    return getattr(m, "packing", "dense_mask")
+    return getattr(unwrap_model(m), "packing", "dense_mask")
 
 
 def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_process: bool = True,
@@ -177,11 +185,12 @@ def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_pr
 
     if config is None:
         config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
-                                    pp=ps.get_pipeline_model_parallel_world_size())
+                                    pp=ps.get_pipeline_model_parallel_world_size(),
+                                    ep=ps.get_expert_model_parallel_world_size())
     paths = paths if paths is not None else default_paths()
     cls = _gpt_model_class()
     model = cls(
-        config=config, transformer_layer_spec=_layer_spec(paths), vocab_size=arch.vocab_size,
+        config=config, transformer_layer_spec=_layer_spec(paths, arch), vocab_size=arch.vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
@@ -192,6 +201,7 @@ def build_model(arch: ArchSpec, config=None, *, value_head: bool = False, pre_pr
     if value_head and post_process:
         model.output_layer = ValueHead(arch.hidden_size, config.params_dtype, arch.init_std, value_head_seed)
     model.is_value_model = value_head
+    model.max_attention_span = arch.max_attention_span
     model.attention_backend = paths.shared_prefix_attention
     model.packing = paths.packing
     return model
@@ -205,7 +215,8 @@ def build_model_chunks(arch: ArchSpec, config=None, *, value_head: bool = False,
     if config is None:
         config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
                                     pp=ps.get_pipeline_model_parallel_world_size(),
-                                    vpp=ps.get_virtual_pipeline_model_parallel_world_size())
+                                    vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
+                                    ep=ps.get_expert_model_parallel_world_size())
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None:
         return [build_model(arch, config, value_head=value_head, pre_process=ps.is_pipeline_first_stage(),

@@ -34,3 +34,33 @@ def dapo_loss_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, segment_ids: torch
 def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids: torch.Tensor,
                   advantages: torch.Tensor, beta: float, normalizer: float) -> torch.Tensor:
     return _C.load().dapo_loss_bwd(grad_loss, log_ratio, segment_ids.long(), advantages, beta, normalizer)
+
+
+def _z_numel(T: int, V: int, block_v: int) -> int:
+    return -(-V // block_v) * block_v * T
+
+
+def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                      workspace: torch.Tensor | None = None, block_t: int | None = None, block_v: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    bv = block_v or BLOCK_V
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    need = _z_numel(hidden.shape[0], weight.shape[0], bv)
+    if workspace is not None and workspace.dtype == acc and workspace.numel() >= need:
+        z = workspace.view(-1)[:need]
+    else:
+        z = torch.empty(need, dtype=acc)
+    m, s, tgt = _C.load().fused_loss_logits(hidden, weight, targets.long(), vocab_start, bv, z)
+    return m, s, tgt, z
+
+
+def fused_loss_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                     coef: torch.Tensor, z: torch.Tensor, vocab_start: int, grad_hidden: torch.Tensor | None,
+                     grad_weight: torch.Tensor | None, block_t: int | None = None, block_v: int | None = None) -> None:
+    _C.load().fused_loss_grads(hidden, weight, targets.long(), lse, coef, z, vocab_start, block_v or BLOCK_V,
+                               grad_hidden, grad_weight)
+
+
+def bf16_gemm_engine() -> str:
+    """The CPU kernels' bf16 GEMM: ``"amx"`` (oneDNN brgemm), ``"avx512_bf16"`` or ``"none"`` (upcast)."""
+    return _C.load().bf16_gemm_engine()

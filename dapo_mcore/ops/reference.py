@@ -109,3 +109,61 @@ def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids:
     seg = segment_ids.long()
     return torch.where(seg >= 0, coef[seg.clamp_min(0)] if coef.numel() else torch.zeros_like(seg, dtype=coef.dtype),
                        torch.zeros((), dtype=coef.dtype, device=coef.device))
+
+
+def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                      workspace: torch.Tensor | None = None, block_t: int | None = None, block_v: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, sumexp, target_logit) [T] as :func:`target_logprob_fwd`, and the logits z [T, V_local]
+    (accumulation dtype) for :func:`fused_loss_grads`. ``workspace`` is ignored here."""
+    z = _logits(hidden, weight)
+    m = z.max(dim=1).values if z.shape[0] else z.new_zeros(0)
+    s = torch.exp(z - m[:, None]).sum(dim=1)
+    col, inside = _local_cols(targets, vocab_start, weight.shape[0])
+    tgt = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), torch.zeros_like(m))
+    return m, s, tgt, z
+
+
+def fused_loss_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                     coef: torch.Tensor, z: torch.Tensor, vocab_start: int, grad_hidden: torch.Tensor | None,
+                     grad_weight: torch.Tensor | None, block_t: int | None = None, block_v: int | None = None) -> None:
+    """``G = coef[t] * (onehot(y_t) - exp(z - lse))`` (coef 0 on rows with targets < 0); writes
+    ``grad_hidden [T, H] = G @ W`` and adds ``G^T @ h`` into ``grad_weight [V_local, H]`` (both in the
+    accumulation dtype, contiguous; None: skipped). z may be overwritten."""
+    acc = acc_dtype(hidden.dtype)
+    col, inside = _local_cols(targets, vocab_start, weight.shape[0])
+    c = coef.to(acc)
+    G = -c[:, None] * torch.exp(z - lse.to(acc)[:, None])
+    G.scatter_add_(1, col[:, None], torch.where(inside, c, torch.zeros_like(c))[:, None])
+    if grad_hidden is not None:
+        grad_hidden.copy_(G @ weight.to(acc))
+    if grad_weight is not None:
+        grad_weight.add_(G.t() @ hidden.to(acc))
+
+
+def naive_dapo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ref_logp: torch.Tensor,
+                    segment_ids: torch.Tensor, advantages: torch.Tensor, beta: float, normalizer: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unfused chain by autograd (materialises ``[T, V]`` logits): :func:`naive_target_logprob` then
+    :func:`dapo_loss_reference`. Returns (loss [], log_ratio [S], logp [T]); logp is 0 where
+    ``segment_ids < 0`` or ``targets < 0``."""
+    t = torch.where(segment_ids >= 0, targets.long(), torch.full_like(targets.long(), -1))
+    logp = naive_target_logprob(hidden, weight, t)
+    loss, ratio = dapo_loss_reference(logp, ref_logp, segment_ids, advantages, beta, normalizer)
+    return loss, ratio, logp
+
+
+def chunked_target_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           chunk: int = 1024) -> torch.Tensor:
+    """The token-chunked PyTorch method (what NeMo-RL and NeMo-Automodel ship; a baseline of the benchmarks):
+    per chunk of ``chunk`` tokens ``logits = h_c @ W.T`` (input dtype), ``gather - logsumexp`` in fp32, under
+    non-reentrant activation checkpointing, so the backward recomputes each chunk's logits (8·T·H·V FLOPs,
+    ``[chunk, V]`` memory). hidden [T, H], weight [V, H], targets int [T] (all valid) -> logp [T] fp32."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        logits = (hc @ weight.t()).to(acc_dtype(hidden.dtype))
+        return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    return torch.cat([checkpoint(one, hidden[i:i + chunk], targets[i:i + chunk].long(), use_reentrant=False)
+                      for i in range(0, hidden.shape[0], chunk)])

@@ -16,8 +16,9 @@ its shape and the accumulation dtype, the backward ADDS grad_weight into ``weigh
 ``grad_added_to_main_grad`` (set by Megatron's DDP), that flag is set and autograd gets a dummy
 ``torch.empty`` gradient, exactly as Megatron does, so DDP's grad-accumulator hook still fires
 (required with ``overlap_grad_reduce``: it marks the bucket ready) and discards it without adding
-(its pages are never touched: no resident memory on CPU). Without that attribute the gradient is
-None (``param.grad`` stays unset).
+(its pages are never touched: no resident memory on CPU); with ``zero_out_wgrad`` (a weight tied to the
+embedding at PP=1) the dummy is zeros, since the embedding's own gradient is summed with it. Without that
+attribute the gradient is None (``param.grad`` stays unset).
 """
 from __future__ import annotations
 
@@ -59,12 +60,23 @@ class _TargetLogprob(torch.autograd.Function):
         if tp_group is not None:
             dist.all_reduce(grad_h, group=tp_group)
         if main_grad is not None:
-            grad_w = None
-            if hasattr(param, "grad_added_to_main_grad"):
-                param.grad_added_to_main_grad = True
-                grad_w = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            grad_w = dummy_weight_grad(param)
         return (grad_h if ctx.needs_input_grad[0] else None,
                 grad_w if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+
+def dummy_weight_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """What autograd receives for a weight whose gradient went into ``param.main_grad``, as Megatron's
+    fused linear does: with Megatron DDP (``grad_added_to_main_grad`` present) the flag is set and a dummy
+    is returned so DDP's grad-ready hook fires; the dummy is ZEROS when the param has ``zero_out_wgrad``
+    (tied embedding/output weight at PP=1: the embedding's own gradient is summed with it and the hook then
+    adds that sum), else an untouched ``torch.empty`` (the hook discards it). Without DDP: None."""
+    if not hasattr(param, "grad_added_to_main_grad"):
+        return None
+    param.grad_added_to_main_grad = True
+    if getattr(param, "zero_out_wgrad", False):
+        return torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+    return torch.empty(param.shape, dtype=param.dtype, device=param.device)
 
 
 def _fusable_main_grad(weight: torch.Tensor) -> torch.Tensor | None:

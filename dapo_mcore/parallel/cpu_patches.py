@@ -18,6 +18,9 @@ Mechanisms (one each):
   (``send_tensor.cuda()``), ``MixedPrecisionOptimizer.load_state_dict`` (``v.cuda()``).
 * ``clip_grads.clip_grad_by_total_norm_fp32`` asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``
   and uses Apex/TE multi-tensor kernels: replaced by a ``torch._foreach_mul_`` version (same math).
+* ``moe_utils.te_general_gemm`` -> None when Transformer Engine is absent: ``moe_utils`` imports it inside a
+  ``try`` and leaves the name undefined on ImportError, but ``RouterGatingLinearFunction.forward/backward``
+  (the MoE router GEMM, ``router_gating_linear``) test ``te_general_gemm is not None`` unguarded (NameError).
 * ``clip_grads.get_grad_norm_fp32``'s L2 path calls a multi-tensor L2 norm kernel (Apex/TE) whose
   fallback is fine on CPU; only its ``device='cuda'`` factories needed the module-local ``torch``.
 
@@ -184,6 +187,12 @@ def apply() -> bool:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: None
     random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: None
+
+    # moe_utils.RouterGatingLinearFunction.forward/backward read `te_general_gemm`, which moe_utils defines only
+    # when Transformer Engine imports (NameError otherwise): None selects its torch.mm/addmm path.
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
     _APPLIED = True
     return True

@@ -8,15 +8,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
 import torch
 
+from dapo_mcore.config import option
 from dapo_mcore.parallel import cpu_patches
-from dapo_mcore.parallel.fast_paths import (FastPathConfig, FastPathError, ResolvedPaths, add_fast_path_args,
-                                            fast_paths_from_args, resolve)
+from dapo_mcore.parallel.fast_paths import FastPathConfig, FastPathError, ResolvedPaths, resolve
 
 
 class ParallelConfigError(ValueError):
@@ -30,14 +30,18 @@ class ParallelConfig:
     ``fast_paths`` (:class:`FastPathConfig`) chooses bf16, recompute, the distributed optimizer, overlap and
     the attention/packing kernels; :meth:`paths` resolves it for this machine and layout."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-    seed: int = 1234
-    timeout_minutes: int = 30
-    fast_paths: FastPathConfig = field(default_factory=FastPathConfig)
+    tensor_model_parallel_size: int = option(1, "tensor-parallel size (TP)", flag="--tp")
+    pipeline_model_parallel_size: int = option(1, "pipeline-parallel size (PP)", flag="--pp")
+    virtual_pipeline_model_parallel_size: Optional[int] = option(None, "virtual pipeline chunks per PP rank",
+                                                                 flag="--vpp")
+    context_parallel_size: int = option(1, "context-parallel size (CP; Transformer Engine attention)")
+    expert_model_parallel_size: int = option(1, "expert-parallel size (EP; MoE models: experts split over EP "
+                                             "ranks, inside DP x CP)", flag="--ep")
+    sequence_parallel: bool = option(False, "megatron sequence parallelism (GPU, TP > 1)",
+                                     flag="--sequence-parallel")
+    seed: int = option(1234, "megatron's model-parallel RNG seed")
+    timeout_minutes: int = option(30, "process-group timeout")
+    fast_paths: FastPathConfig = option(factory=FastPathConfig, doc="the fast-path switch")
 
     def paths(self, cuda: Optional[bool] = None) -> ResolvedPaths:
         """The fast paths this run takes (raises :class:`ParallelConfigError` for an impossible choice)."""
@@ -56,6 +60,12 @@ class ParallelConfig:
         if world_size % (tp * pp * cp) != 0:
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}")
+        ep = self.expert_model_parallel_size
+        if not isinstance(ep, int) or ep < 1:
+            raise ParallelConfigError(f"expert_model_parallel_size must be a positive integer, got {ep!r}")
+        if (world_size // pp) % (ep * tp) != 0:
+            raise ParallelConfigError(f"expert parallel size {ep} x TP {tp} does not divide the {world_size // pp} "
+                                      f"ranks of a pipeline stage (world {world_size} / PP {pp})")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and (vpp < 1 or pp < 2):
             raise ParallelConfigError(
@@ -67,34 +77,6 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                               * self.context_parallel_size)
-
-
-def add_parallel_args(ap) -> None:
-    """The layout, batch and fast-path flags every Megatron stage's command line takes: the launchers
-    (``scripts/launch_torchrun.sh``, ``scripts/slurm_dapo.sbatch``) append them as given.
-
-    ``--micro-batch`` (alias ``--rows-per-microbatch``) is packed rows per micro-batch; ``--global-batch``
-    is the optimizer step's batch in the stage's unit (examples for critic/SFT, actions for the actor;
-    forward-only stages take no global batch). Both default to the stage config's value (None here)."""
-    g = ap.add_argument_group("parallel layout")
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    g.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per pipeline rank")
-    g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel (GPU, TP > 1)")
-    g.add_argument("--micro-batch", "--rows-per-microbatch", dest="micro_batch", type=int, default=None,
-                   help="packed rows per micro-batch")
-    g.add_argument("--global-batch", type=int, default=None,
-                   help="items per optimizer step (examples; actions for the actor)")
-    add_fast_path_args(ap)
-
-
-def parallel_from_args(a, base: Optional[ParallelConfig] = None) -> ParallelConfig:
-    """The :class:`ParallelConfig` of flags added by :func:`add_parallel_args` (fast paths not given on the
-    command line keep ``base.fast_paths``)."""
-    fp = fast_paths_from_args(a, base.fast_paths if base is not None else None)
-    return ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                          virtual_pipeline_model_parallel_size=a.vpp, sequence_parallel=a.sequence_parallel,
-                          fast_paths=fp)
 
 
 def _free_port() -> int:
@@ -145,6 +127,7 @@ def initialize_parallel(cfg: ParallelConfig) -> None:
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
         distributed_timeout_minutes=cfg.timeout_minutes,
     )
     if cuda:
@@ -155,7 +138,9 @@ def initialize_parallel(cfg: ParallelConfig) -> None:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron groups and the default process group."""
+    """Tear down megatron groups and the default process group (a no-op without one)."""
+    if not torch.distributed.is_initialized():
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -166,7 +151,7 @@ def destroy_parallel() -> None:
 
 @contextlib.contextmanager
 def process_group_scope():
-    """Around a process's entry point (torchrun worker, stage ``__main__``): tear megatron's groups and the
+    """Around a process's entry point (the CLI, its torchrun worker): tear megatron's groups and the
     process group down on the way out. Exiting with gloo's worker threads alive can abort the interpreter at
     shutdown ("terminate called without an active exception", SIGABRT) after the work has finished."""
     try:

@@ -17,7 +17,7 @@ from typing import Optional
 from dapo_mcore.models.hf_config import ModelConfigError
 from dapo_mcore.plan import fleet
 from dapo_mcore.plan.layout import Layout, LayoutError, add_layout_args, layout_from_args
-from dapo_mcore.plan.memory import ATTN_IMPLS, GB, STAGES, peak_bytes, stage_memory_ranks
+from dapo_mcore.plan.memory import ATTN_IMPLS, GB, STAGES, peak_bytes, stage_memory_ranks, total_params
 from dapo_mcore.plan.presets import PRESETS, resolve_model
 from dapo_mcore.plan.search import candidates
 from dapo_mcore.plan.throughput import GPUS, estimate
@@ -107,8 +107,6 @@ def plan(args: argparse.Namespace) -> dict:
 
 
 def _params(arch, value_head: bool) -> int:
-    from dapo_mcore.plan.memory import total_params
-
     return total_params(arch, value_head)
 
 

@@ -21,17 +21,23 @@ ATTN_IMPLS = ("te", "local")    # te: GPU (TE spec, flash attention); local: meg
 
 # ---------------------------------------------------------------- parameters
 
-def layer_params(arch: ArchSpec, tp: int = 1) -> int:
-    """Parameters of one transformer layer on one TP rank (RMSNorm x2, QKV(+bias), proj, SwiGLU fc1/fc2)."""
+def layer_params(arch: ArchSpec, tp: int = 1, ep: int = 1) -> int:
+    """Parameters of one transformer layer on one TP (and, MoE, EP) rank: RMSNorm x2, QKV(+bias), proj,
+    q/k RMSNorm ``2*d`` (Qwen3, replicated), and either the SwiGLU fc1/fc2 (``3*H*F/tp``) or, MoE, the
+    router ``E*H`` (replicated) and ``E/ep`` experts of ``3*H*F_moe/tp`` each (expert TP = TP)."""
     h, f = arch.hidden_size, arch.ffn_hidden_size
     q = arch.num_heads * arch.head_dim
     qkv = q + 2 * arch.num_kv_heads * arch.head_dim
-    per_rank = (h * qkv + (qkv if arch.qkv_bias else 0) + q * h + h * 2 * f + f * h) // tp
-    return per_rank + 2 * h
+    attn = (h * qkv + (qkv if arch.qkv_bias else 0) + q * h) // tp + (2 * arch.head_dim if arch.qk_norm else 0)
+    if arch.is_moe:
+        mlp = arch.num_experts * h + arch.num_experts // ep * (3 * h * arch.moe_ffn_hidden_size // tp)
+    else:
+        mlp = 3 * h * f // tp
+    return attn + mlp + 2 * h
 
 
 def rank_params(arch: ArchSpec, tp: int = 1, pp: int = 1, pp_rank: int = 0, vpp: Optional[int] = None,
-                value_head: bool = False) -> int:
+                value_head: bool = False, ep: int = 1) -> int:
     """Parameters held by one GPU at pipeline rank ``pp_rank`` (all its VPP chunks), TP-sharded.
 
     First PP stage: word embeddings ``V*H/tp``. Last stage: final RMSNorm ``H`` plus the LM head ``V*H/tp``
@@ -40,7 +46,7 @@ def rank_params(arch: ArchSpec, tp: int = 1, pp: int = 1, pp_rank: int = 0, vpp:
     """
     v, h = arch.vocab_size, arch.hidden_size
     chunks = vpp or 1
-    n = arch.num_layers // (pp * chunks) * chunks * layer_params(arch, tp)
+    n = arch.num_layers // (pp * chunks) * chunks * layer_params(arch, tp, ep)
     if pp_rank == 0:
         n += v * h // tp
     if pp_rank == pp - 1:
@@ -72,7 +78,7 @@ def layer_activation_bytes(arch: ArchSpec, tokens: int, seq: int, tp: int = 1, s
     """
     if impl not in ATTN_IMPLS:
         raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    h, f, d = arch.hidden_size, arch.active_ffn_hidden_size, arch.head_dim   # MoE: top-k x expert width
     n, g = arch.num_heads, arch.num_kv_heads
     tsp = tp if sp else 1
     if impl == "local":
@@ -104,7 +110,7 @@ def backward_transient_bytes(arch: ArchSpec, tokens: int, seq: int, tp: int = 1,
     """
     if impl == "local":
         return tokens * 8.0 * arch.num_heads * seq / tp
-    return tokens * p * 3.0 * arch.ffn_hidden_size / tp
+    return tokens * p * 3.0 * arch.active_ffn_hidden_size / tp
 
 
 def logits_peak_bytes(arch: ArchSpec, tokens: int, tp: int = 1, p: int = 2, fused: bool = True) -> float:

@@ -1,4 +1,5 @@
-"""Model presets: the real ``config.json`` numbers of the paper's base models, as HF config dicts.
+"""Model presets: the real ``config.json`` numbers of the paper's base models and of the Qwen3 family
+(dense 8B / 32B, MoE 30B-A3B), as HF config dicts.
 
 Values are copied from the public Hugging Face ``config.json`` of each model (the Instruct variants
 share the base model's architecture). Only the keys :func:`dapo_mcore.models.hf_config.arch_from_dict`
@@ -16,6 +17,12 @@ _QWEN25_7B = dict(
     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
     max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
     tie_word_embeddings=False, use_sliding_window=False, initializer_range=0.02,
+)
+
+_QWEN3 = dict(
+    model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, head_dim=128,
+    max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
+    attention_bias=False, use_sliding_window=False, tie_word_embeddings=False, initializer_range=0.02,
 )
 
 PRESETS: dict[str, dict] = {
@@ -39,6 +46,17 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
         tie_word_embeddings=False, use_sliding_window=False, initializer_range=0.02,
     ),
+    # Qwen/Qwen3-8B: 8.19B parameters (q/k RMSNorm, head_dim 128)
+    "Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8),
+    # Qwen/Qwen3-32B: 32.8B parameters (head_dim 128 != hidden / heads = 80)
+    "Qwen3-32B": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, num_key_value_heads=8),
+    # Qwen/Qwen3-30B-A3B: 30.5B parameters, 3.3B active (128 experts of 768, top-8, every layer MoE)
+    "Qwen3-30B-A3B": dict(_QWEN3, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, router_aux_loss_coef=0.001),
 }
 
 

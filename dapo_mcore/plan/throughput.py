@@ -28,10 +28,11 @@ def forward_flops_per_token(arch: ArchSpec, seq: int, value_head: bool = False) 
     """Forward FLOPs per token: ``2 * (matmul weights)`` + causal attention ``4 * L * n*d * s/2``.
 
     Matmul weights per layer: QKV ``H*(n+2g)*d``, proj ``n*d*H``, SwiGLU ``3*H*F``; plus the LM head
-    ``V*H`` (a scalar for the value model). Norms, RoPE and softmax are ignored (< 1%).
+    ``V*H`` (a scalar for the value model). MoE: ``F`` is the active width (top-k x expert width) plus the
+    router ``E*H``. Norms, RoPE and softmax are ignored (< 1%).
     """
-    h, f, d, n, g = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads
-    per_layer = h * (n + 2 * g) * d + n * d * h + 3 * h * f
+    h, f, d, n, g = arch.hidden_size, arch.active_ffn_hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads
+    per_layer = h * (n + 2 * g) * d + n * d * h + 3 * h * f + (arch.num_experts * h if arch.is_moe else 0)
     head = h if value_head else arch.vocab_size * h
     attn = 4 * n * d * seq / 2
     return 2.0 * (arch.num_layers * per_layer + head) + arch.num_layers * attn

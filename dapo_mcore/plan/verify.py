@@ -19,8 +19,13 @@ from typing import Optional
 
 import torch
 
+from dapo_mcore.models.gpt import build_model_chunks, unwrap_model
 from dapo_mcore.models.hf_config import arch_from_dict
+from dapo_mcore.ops import fused_target_logprob
+from dapo_mcore.parallel.runtime import ParallelConfig, destroy_parallel, initialize_parallel
 from dapo_mcore.plan import memory
+from dapo_mcore.plan.layout import Layout
+from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig, make_loss_fn
 
 TINY = {
     "qwen2": dict(model_type="qwen2", vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
@@ -34,9 +39,6 @@ TINY = {
 def _params(args) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.parallel.runtime import ParallelConfig, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelConfig(args.tp, args.pp, args.vpp))
     rows = []
@@ -77,11 +79,6 @@ def _reset_hwm() -> None:
 def _peak(args) -> None:
     from megatron.core import tensor_parallel
 
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.parallel.runtime import ParallelConfig, destroy_parallel, initialize_parallel
-    from dapo_mcore.plan.layout import Layout
-    from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig, make_loss_fn
-
     torch.set_num_threads(1)
     cfg = dict(TINY["qwen2"], vocab_size=args.vocab, max_position_embeddings=max(512, args.seq))
     arch = arch_from_dict(cfg, "tiny")
@@ -108,10 +105,8 @@ def _peak(args) -> None:
                     tok = tensor_parallel.vocab_parallel_cross_entropy(o.float(), mb["labels"])
                     return tok.sum(), tok.numel(), {}
             else:
-                from dapo_mcore.ops import fused_target_logprob
-
                 out = model(mb["input_ids"], mb["position_ids"], None, output="hidden")
-                w = model.module.output_weight() if hasattr(model, "module") else model.output_weight()
+                w = unwrap_model(model).output_weight()
 
                 def compute(o):
                     lp = fused_target_logprob(o.reshape(-1, o.shape[-1]), w, mb["labels"].reshape(-1))

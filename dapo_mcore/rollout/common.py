@@ -1,46 +1,44 @@
-"""What the rollout stages share: backend selection and the progress/throughput meter."""
+"""What the rollout stages share: their common config (RolloutConfig), backend selection, the sharded-stage
+runner and the progress/throughput meter."""
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
 
+from tqdm.auto import tqdm
+
+from dapo_mcore.config import option
+from dapo_mcore.data.shards import chunk, write_summary
 from dapo_mcore.rollout.backend import GenerationBackend
+from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
+from dapo_mcore.rollout.backend_config import BackendConfig
+from dapo_mcore.rollout.fleet import open_backend
 
 
-@dataclass
-class BackendConfig:
-    """``kind``: ``"embedded"`` (in-process, default without a GPU) or ``"sglang"`` (HTTP to a
-    server or router at ``url``). ``prefix_reuse``/``max_batch_rows``/``dtype``: embedded only;
-    ``concurrency``/``timeout_s``/``max_retries``: sglang only."""
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """The settings the rollout stages (generate, mc) share: sampling, verification, output, backend."""
 
-    kind: str = "embedded"
-    prefix_reuse: bool = True
-    max_batch_rows: int = 256
-    dtype: str = "float32"
-    url: str = "http://127.0.0.1:30000"
-    concurrency: int = 32
-    timeout_s: float = 600.0
-    max_retries: int = 5
-
-    def __post_init__(self):
-        if self.kind not in ("embedded", "sglang"):
-            raise ValueError(f"backend kind must be 'embedded' or 'sglang', got {self.kind!r}")
-
-    def identity(self) -> dict:
-        """The fields that can change results (goes into the stage's config hash): the server
-        address, concurrency and batch size do not."""
-        return {"kind": self.kind, "dtype": self.dtype} if self.kind == "embedded" else {"kind": self.kind}
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    top_k: int = option(-1, "top-k sampling (-1: off)")
+    max_new_tokens: int = option(256, "new tokens per sample at most")
+    verifier: str = option("exact", "answer verifier: exact | math | code")
+    verify_timeout_s: float = option(5.0, "verifier time limit per sample (per test for code)")
+    seed: int = option(0, "sampling seed (each request's: derived from it and the problem or state id)")
+    fmt: str = option("parquet", "shard format: parquet | jsonl")
+    show_progress: bool = option(True, "progress bar", identity=False)
+    backend: BackendConfig = option(factory=BackendConfig, doc="generation backend")
 
 
 def make_backend(cfg: BackendConfig, model_path: str) -> GenerationBackend:
     if cfg.kind == "embedded":
-        from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
-
         return EmbeddedEngine(EngineConfig(model_path, prefix_reuse=cfg.prefix_reuse,
-                                           max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype))
-    from dapo_mcore.rollout.sglang_client import SGLangClient, SGLangClientConfig
-
-    return SGLangClient(SGLangClientConfig(cfg.url, cfg.concurrency, cfg.timeout_s, cfg.max_retries))
+                                           max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype,
+                                           radix_cache_bytes=cfg.radix_cache_bytes))
+    # checks (and with swap_weights swaps) what every server serves before returning; with
+    # launch=True the servers are started here and stopped by the backend's close()
+    return open_backend(cfg, model_path)
 
 
 @dataclass
@@ -83,8 +81,6 @@ class RolloutMeter:
 
 
 def progress(total: int, desc: str, disable: bool | None = None):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, disable=disable)
 
 
@@ -97,6 +93,13 @@ def print_summary(summary: dict, out_dir) -> None:
           f"({v['errors']} errors, {v['timeouts']} timeouts) -> {out_dir}/summary.json", flush=True)
 
 
+def throughput_note(summary: dict) -> str:
+    """The rollout stages' line in the report's stage table: samples, rates and the prefix-cache hit rate."""
+    th = summary.get("throughput") or {}
+    return (f"{th.get('samples', 0)} samples, {th.get('samples_per_s', 0):.1f} samples/s, "
+            f"{th.get('tokens_per_s', 0):.0f} tok/s, prefix cache {th.get('cache_hit_rate', 0):.0%}")
+
+
 def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: int, backend, open_backend,
                 process, meter: RolloutMeter, show_progress: bool) -> tuple[int, int]:
     """The skeleton shared by the rollout stages: split ``items`` into shards of ``shard_size``, skip the
@@ -105,8 +108,6 @@ def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: 
     as one shard (atomic; an interrupted run resumes at the first missing shard). ``backend`` None:
     ``open_backend()`` makes one, only if there is work, and it is closed at the end.
     Returns ``(number of shards, shards computed now)``."""
-    from dapo_mcore.data.shards import chunk
-
     shards = chunk(items, shard_size)
     todo = [i for i in range(len(shards)) if not writer.is_done(i)]
     own_backend = backend is None and bool(todo)
@@ -130,10 +131,8 @@ def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: 
 
 def finish_stage(writer, out_dir, num_shards: int, summary: dict, show: bool) -> dict:
     """Seal a rollout stage's output (manifest + ``summary.json``) and print its one-line summary."""
-    from dapo_mcore.data.shards import write_json_summary
-
     writer.finalize(num_shards, summary)
-    write_json_summary(out_dir, "summary.json", summary)
+    write_summary(out_dir, summary)
     if show:
         print_summary(summary, out_dir)
     return summary

@@ -1,17 +1,40 @@
-"""Embedded generation engine: an in-process transformers model that really reuses each
-state's prefix KV across its ``n`` samples and decodes many states as one batch.
+"""Embedded generation engine: an in-process transformers model that computes each prompt prefix's
+KV once, shares it across the ``n`` samples of a request and (radix cache) across requests and
+calls, and decodes many requests as one batch.
 
-With ``prefix_reuse=True`` the prompts of a batch (all tokens but the last) are run once, left
-padded, into a ``DynamicCache``; the cache rows are then expanded to the ``n`` samples of each
-prompt (``batch_select_indices``) and every sample computes only the last prompt token and its own
-new tokens. With ``prefix_reuse=False`` every sample runs its whole prompt (the baseline).
-Finished rows are dropped from the batch as they finish.
+A batch runs in two phases:
 
-``cached_tokens`` is reported per sample and is exact: the prefix of a request is computed once,
-charged to its sample 0 (``cached_tokens = 0``); samples 1..n-1 report ``prompt_tokens - 1``. So
-``sum(prompt_tokens - cached_tokens)`` over a request's samples equals the prompt tokens the model
-really ran. (SGLang, whose cache was filled by a separate warm-up pass, reports ``prompt_tokens-1``
-for all n samples.)
+1. **Prefix KV** (all prompt tokens but the last), by :meth:`EmbeddedEngine._prefill`, whose
+   result is a pure function of the tokens: bit-identical whatever the batch mates, padding or
+   split into runs (measured on CPU fp32 with 1 and 2 threads; tested). What it takes: every
+   row's tokens sit at KV columns equal to their positions (a "ragged" cache: each row appends
+   at its own length; explicit 4D causal masks), attention runs on SDPA's math kernel (the fused
+   CPU kernel's sums depend on the KV width), and the query columns of a pass are padded to a
+   multiple of ``_Q_ALIGN`` (small GEMMs take other MKL kernels; vectorised elementwise ops
+   round a tensor's scalar tail differently). The three modes differ only in *what* they compute:
+   ``prefix_reuse=False`` every sample's prefix; ``radix_cache_bytes=0`` each request's prefix
+   once; radix cache (default) only the parts of the prefixes not stored yet (see below).
+2. **Decode**: each sample's prefix KV is copied into preallocated buffers (left padded to the
+   batch's longest prefix, no per-step ``torch.cat``), then every sample computes its last prompt
+   token and its new tokens. Finished rows are compacted away in bulk. This phase is the same
+   code on the same layout in every mode, so for the same calls outputs (ids and logprobs) are
+   bit-identical with and without prefix reuse and with and without the radix cache. (Decode
+   itself still depends on its batch's shape, as before: a request batched differently can
+   differ in the last bits.)
+
+**Radix cache** (:class:`~dapo_mcore.rollout.radix.RadixCache`, as SGLang's radix cache shares
+the nested states of a solution): a tree mapping token prefixes to their KV. A batch inserts its
+prefixes; the parts not stored become pending nodes, computed once each, in as few passes as the
+tree's branching allows (a chain of nested prefixes, e.g. the states of one solution, is one row
+of one pass). Unpinned leaves are evicted least recently used first once the stored KV exceeds
+``radix_cache_bytes``.
+
+``cached_tokens`` is reported per sample and is exact: prompt tokens whose KV the sample did not
+compute. A prefix token computed in a call is charged once, to sample 0 of the first (shortest)
+request of its batch that needed it; samples 1..n-1 report ``prompt_tokens - 1``. So
+``sum(prompt_tokens - cached_tokens)`` over all samples is the prompt tokens the model really ran.
+Without the radix cache a request's sample 0 reports 0. (SGLang, whose cache was filled by a
+separate warm-up pass, reports ``prompt_tokens-1`` for all n samples of a fully cached prompt.)
 
 Sampling is seeded per sample (:func:`~dapo_mcore.rollout.backend.sample_seed`): each row draws its
 uniforms from its own ``torch.Generator``, so its tokens do not depend on which other rows share
@@ -19,6 +42,7 @@ the batch (given equal logits).
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -28,14 +52,22 @@ from typing import Any
 import torch
 
 from dapo_mcore.rollout.backend import GenRequest, sample_seed
+from dapo_mcore.rollout.radix import Node, RadixCache
 from dapo_mcore.rollout.segment import TokenBytes
+
+_Q_ALIGN = 32            # query columns of a prefix pass: a multiple of this (see module doc)
+_Q_CHUNK = 512           # at most this many new tokens of a row per prefix pass
+_ATTN_BUDGET = 1 << 20   # attention scores per prefix pass (the math kernel materialises them): 4 MiB, cache-sized
 
 
 @dataclass
 class EngineConfig:
     """``max_batch_rows``: sequences decoded together (a request's n samples are never split);
     ``max_context``: prompt + new tokens limit (default: the model's max_position_embeddings);
-    ``compact_fraction``: drop finished rows from the batch once this fraction of it is idle."""
+    ``compact_fraction``: drop finished rows from the batch once this fraction of it is idle;
+    ``radix_cache_bytes``: bound of the cross-request prefix cache (KV bytes kept between batches;
+    a running batch's own new prefixes are pinned on top of it), 0 = share a prefix only among the
+    n samples of its request; needs ``prefix_reuse``."""
 
     model_path: str
     prefix_reuse: bool = True
@@ -43,6 +75,11 @@ class EngineConfig:
     dtype: str = "float32"
     max_context: int | None = None
     compact_fraction: float = 0.25
+    radix_cache_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if self.radix_cache_bytes < 0:
+            raise ValueError(f"radix_cache_bytes must be >= 0, got {self.radix_cache_bytes}")
 
 
 @dataclass
@@ -54,6 +91,7 @@ class EngineStats:
     completion_tokens: int = 0
     forward_tokens: int = 0       # real (non-pad) tokens the model ran, prompt + decode
     idle_tokens: int = 0          # decode slots of already-finished rows awaiting compaction
+    evicted_tokens: int = 0       # KV tokens evicted from the radix cache
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -66,23 +104,18 @@ def _seed_uniforms(seed: int | None, length: int) -> torch.Tensor:
     return torch.rand(max(length, 1), generator=g, dtype=torch.float64)
 
 
-def _make_buffer_cache(prefill_cache, rows: torch.Tensor | None, capacity: int):
-    """A ``DynamicCache`` whose layers hold ``prefill_cache``'s KV (rows ``rows`` of it, in that
-    order, repeats allowed: this is where a prefix is expanded to its n samples) in buffers of
-    ``capacity`` positions."""
-    from transformers import DynamicCache
+@functools.cache
+def _layer_classes():
     from transformers.cache_utils import DynamicLayer
 
     class BufferLayer(DynamicLayer):
-        def __init__(self, k: torch.Tensor, v: torch.Tensor, cap: int):
+        """Decode cache layer over preallocated buffers ``kb``/``vb`` [R, H, capacity, D] whose first
+        ``n`` positions hold the KV so far: ``update`` writes in place (no per-step ``torch.cat``)."""
+
+        def __init__(self, kb: torch.Tensor, vb: torch.Tensor, n: int):
             super().__init__()
-            R, H, n, D = k.shape
-            self._kb = k.new_empty((R, H, cap, D))
-            self._vb = v.new_empty((R, v.shape[1], cap, v.shape[3]))
-            self._kb[:, :, :n] = k
-            self._vb[:, :, :n] = v
-            self._n = n
-            self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+            self._kb, self._vb, self._n = kb, vb, n
+            self.dtype, self.device, self.is_initialized = kb.dtype, kb.device, True
             self._views()
 
         def _views(self):
@@ -92,8 +125,8 @@ def _make_buffer_cache(prefill_cache, rows: torch.Tensor | None, capacity: int):
             q = key_states.shape[-2]
             if self._n + q > self._kb.shape[2]:  # grow (not expected: capacity covers max_new_tokens)
                 extra = max(q, self._kb.shape[2] // 2)
-                self._kb = torch.cat([self._kb, self._kb.new_empty(self._kb.shape[:2] + (extra, self._kb.shape[3]))], 2)
-                self._vb = torch.cat([self._vb, self._vb.new_empty(self._vb.shape[:2] + (extra, self._vb.shape[3]))], 2)
+                self._kb = torch.cat([self._kb, self._kb.new_zeros(self._kb.shape[:2] + (extra, self._kb.shape[3]))], 2)
+                self._vb = torch.cat([self._vb, self._vb.new_zeros(self._vb.shape[:2] + (extra, self._vb.shape[3]))], 2)
             self._kb[:, :, self._n:self._n + q] = key_states
             self._vb[:, :, self._n:self._n + q] = value_states
             self._n += q
@@ -111,13 +144,38 @@ def _make_buffer_cache(prefill_cache, rows: torch.Tensor | None, capacity: int):
             self._kb, self._vb = kb, vb
             self._views()
 
+    class RaggedLayer(DynamicLayer):
+        """Prefix-pass cache layer over ``kb``/``vb`` [B, H, W, D]: row b's KV occupies columns
+        ``[0, base[b])`` and the pass writes its q new columns at ``[base[b], base[b] + q)``, so every
+        token's KV column is its position. The pass's 4D mask says which columns are real."""
+
+        def __init__(self, kb: torch.Tensor, vb: torch.Tensor, base: torch.Tensor):
+            super().__init__()
+            self._kb, self._vb, self._base = kb, vb, base
+            self.dtype, self.device, self.is_initialized = kb.dtype, kb.device, True
+            self._rows = torch.arange(kb.shape[0]).unsqueeze(1)
+            self.keys, self.values = kb, vb
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if key_states.shape[1] != self._kb.shape[1] or key_states.shape[3] != self._kb.shape[3] \
+                    or value_states.shape[1:] != key_states.shape[1:]:
+                raise ValueError(f"KV of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} per layer, "
+                                 f"expected [B, {self._kb.shape[1]}, q, {self._kb.shape[3]}] for both (config)")
+            cols = self._base.unsqueeze(1) + torch.arange(key_states.shape[2])
+            self._kb[self._rows, :, cols] = key_states.transpose(1, 2)
+            self._vb[self._rows, :, cols] = value_states.transpose(1, 2)
+            return self._kb, self._vb
+
+        def get_seq_length(self) -> int:
+            return int(self._base.max())
+
+    return BufferLayer, RaggedLayer
+
+
+def _cache_of(layers: list):
+    from transformers import DynamicCache
+
     cache = DynamicCache()
-    layers = []
-    for layer in prefill_cache.layers:
-        k, v = layer.keys, layer.values
-        if rows is not None:
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
-        layers.append(BufferLayer(k, v, capacity))
     cache.layers = layers
     return cache
 
@@ -154,6 +212,10 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     return pick
 
 
+def _round_up(n: int) -> int:
+    return -(-n // _Q_ALIGN) * _Q_ALIGN
+
+
 class EmbeddedEngine:
     """In-process generation backend (see module doc). Thread-safe (one batch at a time)."""
 
@@ -164,16 +226,32 @@ class EmbeddedEngine:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model_path)
         self.model = model or AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
         self.model.eval()
+        mc = self.model.config
+        impl = getattr(mc, "_attn_implementation", None)
+        if impl != "sdpa":
+            raise ValueError(f"{cfg.model_path}: the embedded engine needs attn_implementation='sdpa', the model has {impl!r}")
+        kinds = set(getattr(mc, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ValueError(f"{cfg.model_path}: the embedded engine needs full-attention layers only (it places KV by "
+                             f"position and masks explicitly), the model has {sorted(kinds)}")
         self.token_bytes = TokenBytes(self.tokenizer)
         eos = set()
-        for src in (getattr(self.model, "generation_config", None), self.model.config):
+        for src in (getattr(self.model, "generation_config", None), mc):
             e = getattr(src, "eos_token_id", None) if src is not None else None
             eos |= set(e if isinstance(e, (list, tuple)) else ([e] if e is not None else []))
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos, default=0)
-        self.max_context = cfg.max_context or int(getattr(self.model.config, "max_position_embeddings", 4096))
+        self.max_context = cfg.max_context or int(getattr(mc, "max_position_embeddings", 4096))
+        # KV geometry [layers, 2, kv_heads, tokens, head_dim] of one sequence
+        self._layers = int(mc.num_hidden_layers)
+        self._heads = int(mc.num_attention_heads)
+        self._kv_heads = int(getattr(mc, "num_key_value_heads", None) or self._heads)
+        self._head_dim = int(getattr(mc, "head_dim", None) or mc.hidden_size // self._heads)
+        self._kv_dtype = next(self.model.parameters()).dtype
+        self.kv_token_bytes = self._layers * 2 * self._kv_heads * self._head_dim * self._kv_dtype.itemsize
+        self.radix = RadixCache(cfg.radix_cache_bytes) if cfg.prefix_reuse and cfg.radix_cache_bytes > 0 else None
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._rid = 0
@@ -205,32 +283,161 @@ class EmbeddedEngine:
             self.stats.seconds += time.perf_counter() - t0
         return out
 
+    def flush_cache(self) -> None:
+        """Drop the radix cache (e.g. after the model's weights changed)."""
+        with self._lock:
+            if self.radix is not None:
+                self.radix.clear()
+
     def close(self) -> None:
         pass
 
-    # -- internals ----------------------------------------------------------------------------
+    # -- prefix KV ------------------------------------------------------------------------------
+    def _prefill(self, pasts: list[list[torch.Tensor]], news: list[list[int]]) -> list[torch.Tensor]:
+        """KV of the tokens ``news[b]`` (non-empty) following the context whose KV is ``pasts[b]``
+        (chunks [layers, 2, kv_heads, n, head_dim], in order). Returns per row
+        [layers, 2, kv_heads, len(news[b]), head_dim]. Runs in passes of at most ``_Q_CHUNK`` new
+        tokens per row and ``_ATTN_BUDGET`` attention scores; the bits do not depend on the split."""
+        ctx = [list(p) for p in pasts]
+        clen = [sum(c.shape[3] for c in p) for p in pasts]
+        out: list[list[torch.Tensor]] = [[] for _ in news]
+        done = [0] * len(news)
+        while todo := sorted((b for b in range(len(news)) if done[b] < len(news[b])), key=lambda b: clen[b]):
+            takes = {b: news[b][done[b]:done[b] + _Q_CHUNK] for b in todo}
+            batches, cur = [], []
+            for b in todo:
+                trial = cur + [b]
+                q = _round_up(max(len(takes[x]) for x in trial))
+                if cur and len(trial) * self._heads * q * (max(clen[x] for x in trial) + q) > _ATTN_BUDGET:
+                    batches.append(cur)
+                    trial = [b]
+                cur = trial
+            batches.append(cur)
+            for sub in batches:
+                for b, kv in zip(sub, self._prefill_pass([ctx[b] for b in sub], [takes[b] for b in sub])):
+                    ctx[b].append(kv)
+                    out[b].append(kv)
+                    clen[b] += kv.shape[3]
+                    done[b] += kv.shape[3]
+        return [o[0] if len(o) == 1 else torch.cat(o, 3) for o in out]
+
+    def _prefill_pass(self, ctx: list[list[torch.Tensor]], toks: list[list[int]]) -> list[torch.Tensor]:
+        """One forward: row b = its context KV at columns [0, m_b), its tokens at [m_b, m_b + len),
+        query columns right padded to a multiple of ``_Q_ALIGN``; math SDPA kernel (module doc)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        B, L = len(toks), self._layers
+        m = [sum(c.shape[3] for c in p) for p in ctx]
+        e = torch.tensor([len(t) for t in toks])
+        q = _round_up(int(e.max()))
+        W = max(m) + q
+        kv = torch.zeros((L, 2, B, self._kv_heads, W, self._head_dim), dtype=self._kv_dtype)
+        for b, chunks in enumerate(ctx):
+            a = 0
+            for c in chunks:
+                kv[:, :, b, :, a:a + c.shape[3]] = c
+                a += c.shape[3]
+        ids = torch.full((B, q), self.pad_id, dtype=torch.long)
+        for b, t in enumerate(toks):
+            ids[b, :len(t)] = torch.tensor(t)
+        base = torch.tensor(m)
+        pos = base.unsqueeze(1) + torch.arange(q)
+        # query (b, i) sees columns <= its position, and only the real ones (pad queries: all real columns)
+        mask = torch.arange(W).view(1, 1, W) <= torch.minimum(pos, (base + e - 1).unsqueeze(1)).unsqueeze(2)
+        ragged = _layer_classes()[1]
+        cache = _cache_of([ragged(kv[i, 0], kv[i, 1], base) for i in range(L)])
+        with sdpa_kernel(SDPBackend.MATH):
+            self.model(input_ids=ids, attention_mask=mask.unsqueeze(1), position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        return [kv[:, :, b, :, m[b]:m[b] + len(toks[b])].contiguous() for b in range(B)]
+
+    def _prefill_each(self, seqs: list[list[int]]) -> list[list[torch.Tensor]]:
+        """KV chunks of each sequence from nothing ([] for an empty one)."""
+        idx = [i for i, s in enumerate(seqs) if s]
+        out: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for i, kv in zip(idx, self._prefill([[] for _ in idx], [seqs[i] for i in idx]) if idx else []):
+            out[i] = [kv]
+        return out
+
+    def _radix_prefix(self, reqs: list[GenRequest]) -> tuple[list[list[torch.Tensor]], list[int], int]:
+        """KV chunks of every request's prefix (all tokens but the last) from the radix cache, computing
+        the parts not stored yet. Returns ``(chunks per request, new tokens per request, tokens run)``."""
+        tree = self.radix
+        ends: list[Node] = []
+        new: list[int] = []
+        ok = False
+        try:
+            for r in reqs:  # shortest first (generate sorts): a shared new part is charged to the shortest
+                node, k = tree.insert(r.input_ids[:-1])
+                ends.append(node)
+                new.append(k)
+            # room for this batch's new KV, from unpinned LRU leaves
+            self.stats.evicted_tokens += tree.evict(max(0, tree.max_bytes - sum(new) * self.kv_token_bytes))
+            fwd = self._fill_pending()
+            chunks = [[n.kv for n in e.path()] for e in ends]
+            ok = True
+        finally:
+            for e in ends:
+                tree.release(e)
+            if not ok:
+                tree.discard_pending()
+            self.stats.evicted_tokens += tree.evict()
+        return chunks, new, fwd
+
+    def _fill_pending(self) -> int:
+        """Compute the KV of every pending radix node. One :meth:`_prefill` per wave: a wave takes each
+        pending node whose parent is computed and extends it down its chain of single pending
+        children (nested prefixes: one row); branches wait for the next wave. Returns tokens run."""
+        tree = self.radix
+        todo = tree.pending()
+        fwd = 0
+        while todo:
+            chains = []
+            for n in todo:
+                if n.parent is tree.root or n.parent.kv is not None:
+                    chain = [n]
+                    while len(kids := [c for c in chain[-1].children.values() if c.kv is None]) == 1:
+                        chain.append(kids[0])
+                    chains.append(chain)
+            toks = [[t for n in c for t in n.key] for c in chains]
+            kvs = self._prefill([[p.kv for p in c[0].parent.path()] for c in chains], toks)
+            for chain, kv in zip(chains, kvs):
+                a = 0
+                for n in chain:
+                    tree.set_kv(n, kv[:, :, :, a:a + len(n.key)].contiguous())
+                    a += len(n.key)
+            fwd += sum(len(t) for t in toks)
+            todo = [n for n in todo if n.kv is None]
+        return fwd
+
+    def _decode_cache(self, groups: list[tuple[list[torch.Tensor], int]], extra: int):
+        """Decode cache and 2D mask [R, C]: for each ``(prefix KV chunks, rows)``, in order, ``rows``
+        rows holding that prefix, left padded to the longest prefix C, ``extra`` free positions after."""
+        lens = [sum(c.shape[3] for c in chunks) for chunks, _ in groups]
+        C, R = max(lens), sum(n for _, n in groups)
+        kv = torch.empty((self._layers, 2, R, self._kv_heads, C + extra, self._head_dim), dtype=self._kv_dtype)
+        mask = torch.zeros((R, C), dtype=torch.long)
+        r0 = 0
+        for (chunks, n), ln in zip(groups, lens):
+            a = C - ln
+            mask[r0:r0 + n, a:] = 1
+            kv[:, :, r0:r0 + n, :, :a] = 0     # masked, but must be finite (0 * nan = nan in attention)
+            for c in chunks:
+                kv[:, :, r0:r0 + n, :, a:a + c.shape[3]] = c.unsqueeze(2)
+                a += c.shape[3]
+            r0 += n
+        buffer = _layer_classes()[0]
+        return _cache_of([buffer(kv[i, 0], kv[i, 1], C) for i in range(self._layers)]), mask
+
+    # -- decode ---------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :], out.past_key_values
 
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, L - len(s):] = torch.tensor(s)
-                mask[i, L - len(s):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        return ids, mask, pos
-
     def _run_group(self, reqs: list[GenRequest]) -> list[list[dict]]:
-        from transformers import DynamicCache
-
         rows = [(ri, j) for ri, r in enumerate(reqs) for j in range(r.params.n)]
         R = len(rows)
-        req_of_row = torch.tensor([ri for ri, _ in rows])
         plen = torch.tensor([len(reqs[ri].input_ids) for ri, _ in rows])
         prm = [reqs[ri].params for ri, _ in rows]
         max_new = [min(p.max_new_tokens, self.max_context - int(plen[i])) for i, p in enumerate(prm)]
@@ -243,32 +450,27 @@ class EmbeddedEngine:
         stop_strs = [[s.encode() for s in p.stop if s] for p in prm]
         want_lp = [reqs[ri].return_logprob for ri, _ in rows]
         top_n = [reqs[ri].top_logprobs_num for ri, _ in rows]
-        cached = [0] * R
-        fwd = 0
+        prefixes = [r.input_ids[:-1] for r in reqs]
 
-        T_cap = T + 1
-        if self.cfg.prefix_reuse:
-            prefixes = [r.input_ids[:-1] for r in reqs]
-            if max(len(p) for p in prefixes) > 0:
-                ids, pmask, pos = self._left_pad(prefixes)
-                _, pre = self._forward(ids, pmask, pos, DynamicCache())
-                fwd += int(pmask.sum())
-                # expand each prompt's prefix KV to its n samples (the only copy of the prefix)
-                cache = _make_buffer_cache(pre, req_of_row, ids.shape[1] + T_cap)
-                mask = pmask[req_of_row]
-            else:
-                cache, mask = DynamicCache(), torch.zeros((R, 0), dtype=torch.long)
-            for i, (ri, j) in enumerate(rows):
-                cached[i] = len(reqs[ri].input_ids) - 1 if j > 0 else 0
-            last = torch.tensor([reqs[ri].input_ids[-1] for ri, _ in rows]).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones((R, 1), dtype=torch.long)], 1)
-            logits, cache = self._forward(last, mask, (plen - 1).unsqueeze(1), cache)
-            fwd += R
+        # prefix KV (module doc: the same bits in every mode), then each sample runs its last prompt token
+        if not self.cfg.prefix_reuse:        # baseline: every sample computes its own prefix
+            groups = [(c, 1) for c in self._prefill_each([prefixes[ri] for ri, _ in rows])]
+            cached = [0] * R
+            fwd = sum(len(prefixes[ri]) for ri, _ in rows)
         else:
-            ids, mask, pos = self._left_pad([reqs[ri].input_ids for ri, _ in rows])
-            logits, pre = self._forward(ids, mask, pos, DynamicCache())
-            cache = _make_buffer_cache(pre, None, ids.shape[1] + T_cap)
-            fwd += int(mask.sum())
+            if self.radix is None:           # a request's prefix once, shared by its n samples
+                chunks, new = self._prefill_each(prefixes), [len(p) for p in prefixes]
+                fwd = sum(new)
+            else:
+                chunks, new, fwd = self._radix_prefix(reqs)
+            groups = [(c, r.params.n) for c, r in zip(chunks, reqs)]
+            cached = [len(prefixes[ri]) - (new[ri] if j == 0 else 0) for ri, j in rows]
+        cache, mask = self._decode_cache(groups, T + 1)
+        del groups
+        last = torch.tensor([reqs[ri].input_ids[-1] for ri, _ in rows]).unsqueeze(1)
+        mask = torch.cat([mask, torch.ones((R, 1), dtype=torch.long)], 1)
+        logits, cache = self._forward(last, mask, (plen - 1).unsqueeze(1), cache)
+        fwd += R
 
         outs: list[list[int]] = [[] for _ in range(R)]
         lps: list[list] = [[] for _ in range(R)]

@@ -176,7 +176,7 @@ class EmbeddedServer:
                 if path in ("/get_server_info", "/server_info"):
                     return {"version": "dapo-mcore-embedded", "model_path": e.cfg.model_path,
                             "engine": asdict(e.cfg), "stats": e.stats.as_dict(),
-                            "max_total_num_tokens": e.max_context, "disable_radix_cache": not e.cfg.prefix_reuse,
+                            "max_total_num_tokens": e.max_context, "disable_radix_cache": e.radix is None,
                             "requests_served": server.requests_served, "request_log": server.request_log}
                 return None
 
@@ -185,6 +185,7 @@ class EmbeddedServer:
                 if path in ("/health", "/health_generate"):
                     return self._send(200, "")
                 if path == "/flush_cache":
+                    server.engine.flush_cache()
                     return self._send(200, "Cache flushed.")
                 info = self._info(path)
                 if info is not None:
@@ -196,6 +197,7 @@ class EmbeddedServer:
                 n = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(n) if n else b""
                 if path == "/flush_cache":
+                    server.engine.flush_cache()
                     return self._send(200, "Cache flushed.")
                 if path != "/generate":
                     return self._send(404, {"error": {"message": f"no route {path}"}})

@@ -6,14 +6,23 @@
 - concurrency limit (a thread pool of ``concurrency`` in-flight requests), per-request timeout,
   retries with exponential backoff on connection errors, timeouts and 5xx; a 4xx is an error in
   the request and raised at once;
-- :meth:`SGLangClient.wait_healthy` polls ``GET /health`` until the server answers 200.
+- :meth:`SGLangClient.wait_healthy` polls ``GET /health`` until the server answers 200;
+- recovery: when a request still fails after its retries (connection errors, timeouts, 5xx), the
+  client calls ``recover`` once for all the threads that failed together (by default: wait for
+  ``/health`` again, at most ``recover_timeout_s``; a :class:`~dapo_mcore.rollout.fleet.Fleet` passes
+  its own, which restarts a server it launched), then retries the request, at most
+  ``max_recoveries`` times; then it raises :class:`SGLangError` and the stage stops (its finished
+  shards stay; a re-run recomputes the unfinished shard whole: nothing lost or duplicated);
+- served weights: with ``expect_weight_version`` set, a response whose ``meta_info.weight_version``
+  differs raises :class:`ServedModelChanged` at once (the server changed weights mid-stage).
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -24,6 +33,10 @@ class SGLangError(RuntimeError):
     """The server rejected a request or stayed unreachable after all retries."""
 
 
+class ServedModelChanged(SGLangError):
+    """A server answered with other weights than the ones the stage checked at its start."""
+
+
 @dataclass
 class SGLangClientConfig:
     url: str = "http://127.0.0.1:30000"
@@ -32,23 +45,31 @@ class SGLangClientConfig:
     max_retries: int = 5
     backoff_s: float = 0.5           # first retry delay; doubles each retry
     health_timeout_s: float = 600.0  # wait_healthy() limit
+    recover_timeout_s: float = 300.0  # default recovery: wait this long for /health again
+    max_recoveries: int = 2           # recoveries per request before the error is raised
 
 
 class SGLangClient:
     """Generation backend over HTTP (see module doc)."""
 
-    def __init__(self, cfg: SGLangClientConfig, wait: bool = True):
+    def __init__(self, cfg: SGLangClientConfig, wait: bool = True, recover: Callable[[], None] | None = None,
+                 expect_weight_version: str | None = None):
         self.cfg = cfg
         self.http = httpx.Client(base_url=cfg.url.rstrip("/"), timeout=cfg.timeout_s,
                                  limits=httpx.Limits(max_connections=cfg.concurrency,
                                                      max_keepalive_connections=cfg.concurrency))
         self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
         self.retries = 0
+        self.recoveries = 0                  # recoveries run (one per group of requests that failed together)
+        self.recover = recover or (lambda: self.wait_healthy(self.cfg.recover_timeout_s))
+        self.expect_weight_version = expect_weight_version
+        self._recover_lock = threading.Lock()
         if wait:
             self.wait_healthy()
 
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.cfg.health_timeout_s
+    def wait_healthy(self, timeout_s: float | None = None) -> None:
+        timeout_s = self.cfg.health_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
             try:
@@ -59,25 +80,42 @@ class SGLangClient:
             except httpx.HTTPError as e:
                 last = repr(e)
             time.sleep(0.2)
-        raise SGLangError(f"{self.cfg.url}/health not healthy after {self.cfg.health_timeout_s} s (last: {last})")
+        raise SGLangError(f"{self.cfg.url}/health not healthy after {timeout_s} s (last: {last})")
+
+    def _recover(self, seen: int) -> None:
+        """Run ``recover`` once for every request that failed since recovery number ``seen``."""
+        with self._recover_lock:
+            if self.recoveries == seen:
+                self.recover()
+                self.recoveries += 1
 
     def _post(self, path: str, payload: dict) -> Any:
-        delay = self.cfg.backoff_s
-        for attempt in range(self.cfg.max_retries + 1):
+        for round_ in range(self.cfg.max_recoveries + 1):
+            seen = self.recoveries
+            delay = self.cfg.backoff_s
+            for attempt in range(self.cfg.max_retries + 1):
+                try:
+                    r = self.http.post(path, json=payload)
+                    if r.status_code < 400:
+                        return r.json()
+                    if r.status_code < 500:
+                        raise SGLangError(f"{self.cfg.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
+                    err = f"HTTP {r.status_code}: {r.text[:200]}"
+                except httpx.TransportError as e:  # connect/read/write errors and timeouts
+                    err = repr(e)
+                if attempt == self.cfg.max_retries:
+                    break
+                self.retries += 1
+                time.sleep(delay)
+                delay *= 2
+            msg = (f"{self.cfg.url}{path}: failed after {attempt + 1} attempts ({err})"
+                   + (f", after {round_} recover(ies) of the server" if round_ else ""))
+            if round_ == self.cfg.max_recoveries:
+                raise SGLangError(msg)
             try:
-                r = self.http.post(path, json=payload)
-                if r.status_code < 400:
-                    return r.json()
-                if r.status_code < 500:
-                    raise SGLangError(f"{self.cfg.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
-                err = f"HTTP {r.status_code}: {r.text[:200]}"
-            except httpx.TransportError as e:  # connect/read/write errors and timeouts
-                err = repr(e)
-            if attempt == self.cfg.max_retries:
-                raise SGLangError(f"{self.cfg.url}{path}: failed after {attempt + 1} attempts ({err})")
-            self.retries += 1
-            time.sleep(delay)
-            delay *= 2
+                self._recover(seen)
+            except Exception as e:  # noqa: BLE001 - the recovery's reason is the useful part
+                raise SGLangError(f"{msg}; recovering the server failed: {e}") from e
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -98,6 +136,13 @@ class SGLangClient:
         res = res if isinstance(res, list) else [res]
         if len(res) != req.params.n:
             raise SGLangError(f"{self.cfg.url}/generate: asked for n={req.params.n} samples, got {len(res)}")
+        if self.expect_weight_version is not None:
+            for s in res:
+                got = s.get("meta_info", {}).get("weight_version")
+                if got is not None and got != self.expect_weight_version:
+                    raise ServedModelChanged(
+                        f"{self.cfg.url}/generate answered with weight_version {got!r}, but the stage checked "
+                        f"{self.expect_weight_version!r} at its start: the server changed weights mid-stage")
         return res
 
     def generate(self, requests: list[GenRequest]) -> list[list[dict]]:

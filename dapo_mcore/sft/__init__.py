@@ -1,0 +1,1 @@
+"""Supervised fine-tuning with the megatron trainer, and the rejection-sampling fine-tuning (RFT) control."""

@@ -1,7 +1,7 @@
 """Chain-of-operations task: a start value and a list of small +/- operations.
 
 Prompt ``"47:+8-3+9-6\\n"``; a correct solution has one line per operation that repeats its
-inputs, then the answer line::
+inputs, then the answer line (the format :mod:`dapo_mcore.verify.exact` reads)::
 
     47+8=55
     55-3=52
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from dapo_mcore.verify.exact import ANSWER_KEY
 
 DELIMITER = "\n"
 
@@ -61,7 +63,7 @@ class ChainProblem:
             sign = "+" if o >= 0 else "-"
             lines.append(f"{v}{sign}{abs(o)}={new}")
             v = new
-        lines.append(f"answer: {v}")
+        lines.append(f"{ANSWER_KEY} {v}")
         return DELIMITER.join(lines)
 
     def to_record(self) -> dict:
@@ -86,60 +88,3 @@ def sample_problem(rng: random.Random, idx: int, n_ops: tuple[int, int] = (3, 5)
 def make_problems(n: int, seed: int, n_ops: tuple[int, int] = (3, 5), prefix: str = "p") -> list[ChainProblem]:
     rng = random.Random(seed)
     return [sample_problem(rng, i, n_ops, prefix) for i in range(n)]
-
-
-def extract_answer(text: str) -> str | None:
-    """The value after the last ``answer:`` in ``text``, or None."""
-    key = "answer:"
-    pos = text.rfind(key)
-    if pos < 0:
-        return None
-    rest = text[pos + len(key):].strip().split(DELIMITER)[0].strip()
-    return rest or None
-
-
-def parse_prompt(prompt: str) -> tuple[int, list[int]] | None:
-    """``"47:+8-3\\n"`` -> ``(47, [8, -3])``; None if it is not a chain prompt."""
-    head, sep, rest = prompt.strip().partition(":")
-    if not sep or not head.isdigit():
-        return None
-    ops, i = [], 0
-    while i < len(rest):
-        if rest[i] not in "+-":
-            return None
-        j = i + 1
-        while j < len(rest) and rest[j].isdigit():
-            j += 1
-        if j == i + 1:
-            return None
-        ops.append(int(rest[i + 1:j]) * (1 if rest[i] == "+" else -1))
-        i = j
-    return int(head), ops
-
-
-def check_step(state_text: str, action: str) -> bool | None:
-    """Is ``action`` (one line) the right next step after ``state_text`` (prompt + the lines so far)?
-
-    Right = the next operation applied correctly to the value the previous line wrote (each line is
-    checkable from itself and the line before, whether or not the earlier lines were right); after the
-    last operation the right step is ``answer: <value>``. None if the state is not a chain state.
-    """
-    lines = state_text.split(DELIMITER)
-    parsed = parse_prompt(lines[0])
-    if parsed is None:
-        return None
-    start, ops = parsed
-    steps = [ln for ln in lines[1:] if ln.strip()]
-    v = start
-    if steps:
-        last = steps[-1]
-        _, eq, val = last.rpartition("=")
-        if not eq or not val.strip().lstrip("-").isdigit():
-            return None
-        v = int(val)
-    k = len(steps)
-    act = action.strip()
-    if k >= len(ops):
-        return act == f"answer: {v}"
-    o = ops[k]
-    return act == f"{v}{'+' if o >= 0 else '-'}{abs(o)}={v + o}"

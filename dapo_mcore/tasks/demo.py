@@ -26,7 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.eval.evaluate import load_results
+from dapo_mcore.sft.train import SFTConfig, SFTExample, run_sft_examples
 from dapo_mcore.tasks.chain import make_problems
+from dapo_mcore.tasks.tiny import TinyModelConfig, build_tiny_checkpoint
 
 
 @dataclass
@@ -74,9 +77,6 @@ def prepare(out_dir: str | Path, s: DemoSetup, show_progress: bool = True) -> di
     """Build (or reuse) the demo's problems and reference policy; returns ``setup.json``'s content."""
     from transformers import AutoTokenizer
 
-    from dapo_mcore.models.tiny import TinyModelConfig, build_tiny_checkpoint
-    from dapo_mcore.sft.train import SFTConfig, SFTExample, run_sft_examples
-
     out = Path(out_dir)
     marker = out / "setup.json"
     if marker.is_file():
@@ -118,8 +118,6 @@ def prepare(out_dir: str | Path, s: DemoSetup, show_progress: bool = True) -> di
 
 def _accuracy(run_dir: Path) -> dict[str, dict]:
     """``{model label: {"acc", "lo", "hi", "n"}}`` from the newest iteration's eval output of a run."""
-    from dapo_mcore.eval.evaluate import load_results
-
     evals = sorted(run_dir.glob("iter_*/eval"))
     if not evals:
         raise FileNotFoundError(f"{run_dir}: no iter_*/eval output (did the run finish?)")

@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.eval.diagnostics import budget
+from dapo_mcore.eval.evaluate import load_results
+from dapo_mcore.eval.stats import paired_difference
 from dapo_mcore.tasks.chain import make_problems
 from dapo_mcore.tasks.demo import DemoSetup, _key, prepare
 
@@ -61,8 +64,6 @@ CONTROLS = ("outcome-only (control)", "RFT (control)")
 
 
 def _set_results(run: Path, it: int, label: str, set_name: str):
-    from dapo_mcore.eval.evaluate import load_results
-
     d = run / f"iter_{it}" / "eval" / label
     if not (d / "results.json").is_file():
         return None
@@ -73,8 +74,6 @@ def _set_results(run: Path, it: int, label: str, set_name: str):
 
 
 def _budget(run: Path, it: int) -> dict:
-    from dapo_mcore.eval.diagnostics import budget
-
     return budget(run / f"iter_{it}")
 
 
@@ -82,8 +81,6 @@ def sparse_table(runs: list[str | Path], set_name: str = "heldout") -> tuple[str
     """Markdown: greedy accuracy per model and seed with Wilson intervals, mean and spread; DAPO's paired
     differences to each control per seed; generated tokens per method. Returns ``(markdown, figures)`` where
     figures holds the RESULT values (fractions)."""
-    from dapo_mcore.eval.stats import paired_difference
-
     runs = [Path(r) for r in runs]
     res = {row: [_set_results(r, it, lab, set_name) for r in runs] for row, (it, lab) in ROWS.items()}
     res = {row: v for row, v in res.items() if all(x is not None for x in v)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from dapo_mcore.data.shards import ShardedWriter, chunk
 from dapo_mcore.tasks.chain import DELIMITER, make_problems
 
 
@@ -34,8 +35,6 @@ def build_synthetic_mc(out_dir: str | Path, tokenizer, n_problems: int = 64, see
                        p_ok: float = 0.9, p_bad: float = 0.0625, solutions_per_problem: int = 2,
                        completions_per_state: int = 4, shard_size: int = 64) -> Path:
     """Write an ``mc`` stage output (manifest + shards, the real record schema) to ``out_dir``."""
-    from dapo_mcore.data.shards import ShardedWriter, chunk
-
     rng = random.Random(seed)
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     records = []

@@ -1,4 +1,4 @@
-"""The resumable training loop shared by the critic and actor stages.
+"""The resumable training loop shared by the training stages (critic, actor, SFT/RFT).
 
 Per optimizer step it asks for the step's micro-batches, runs :meth:`MegatronTrainer.train_step`, appends
 a line to ``metrics.jsonl`` (rank 0), logs to TensorBoard and the progress bar, and checkpoints every
@@ -9,6 +9,8 @@ past the checkpoint are dropped, so the file always describes exactly one run.
 from __future__ import annotations
 
 import json
+import math
+import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,14 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from dapo_mcore.data.shards import write_summary
+from dapo_mcore.models.convert import load_hf_weights
+from dapo_mcore.models.gpt import build_model_chunks
+from dapo_mcore.models.hf_config import load_arch, transformer_config
 from dapo_mcore.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dapo_mcore.training.trainer import ForwardStep, MegatronTrainer, OptimConfig, StepResult
+from dapo_mcore.training.trainer import ForwardStep, MegatronTrainer, StepResult
 
 
 @dataclass
@@ -60,8 +67,6 @@ def run_loop(trainer: MegatronTrainer, cfg: LoopConfig, out: Path, microbatches_
 
             tb = SummaryWriter(str(out / "tb"))
         if cfg.show_progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.total_steps, initial=start, desc=cfg.name, unit="step", mininterval=1.0)
     interrupted = {"flag": False}
     old = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True)) if rank0 else None
@@ -108,8 +113,6 @@ def read_metrics(out: Path) -> list[dict]:
 
 def tensorboard_scalars(out: Path, name: str, values: dict, step: int) -> None:
     """Write final scalars (e.g. held-out metrics) to the run's TensorBoard directory (rank 0 only)."""
-    import math
-
     if dist.get_rank() != 0:
         return
     from torch.utils.tensorboard import SummaryWriter
@@ -125,8 +128,6 @@ def tensorboard_scalars(out: Path, name: str, values: dict, step: int) -> None:
 def epoch_batches(n_items: int, global_batch: int, epochs: int, seed: int) -> list[list[int]]:
     """Item indices of every optimizer step: ``epochs`` seeded shuffles cut into ``global_batch`` pieces
     (a short last piece per epoch is kept)."""
-    import random
-
     steps = []
     for ep in range(epochs):
         order = list(range(n_items))
@@ -147,16 +148,13 @@ def load_chunks(path: str, parallel, *, value_head: bool = False, value_head_see
     """``(arch, chunks)``: this rank's megatron model chunks for the layout and fast paths of ``parallel``
     (a :class:`~dapo_mcore.parallel.runtime.ParallelConfig`), loaded from the HF checkpoint ``path`` (the
     value model when ``value_head``)."""
-    from dapo_mcore.models.convert import load_hf_weights
-    from dapo_mcore.models.gpt import build_model_chunks
-    from dapo_mcore.models.hf_config import load_arch, transformer_config
-
     arch = load_arch(path)
     p = parallel
     paths = p.paths()
     chunks = build_model_chunks(arch, transformer_config(arch, tp=p.tensor_model_parallel_size,
                                                          pp=p.pipeline_model_parallel_size,
-                                                         vpp=p.virtual_pipeline_model_parallel_size, paths=paths),
+                                                         vpp=p.virtual_pipeline_model_parallel_size, paths=paths,
+                                                         ep=p.expert_model_parallel_size),
                                 value_head=value_head, value_head_seed=value_head_seed, paths=paths)
     if paths.bf16:
         # Every param in bf16, as megatron-lm's Float16Module does (module.bfloat16()): the local spec's torch
@@ -169,24 +167,15 @@ def load_chunks(path: str, parallel, *, value_head: bool = False, value_head_see
     return arch, chunks
 
 
-def optim_config(cfg) -> OptimConfig:
-    """The optimizer settings every training stage config carries (lr, min_lr, warmup_steps, decay_style,
-    weight_decay, clip_grad, adam_beta2)."""
-
-    return OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
-                       warmup_steps=cfg.warmup_steps, decay_style=cfg.decay_style, adam_beta2=cfg.adam_beta2)
-
-
 def make_trainer(chunks: list, cfg, total_steps: int) -> MegatronTrainer:
-    """The trainer of a training stage config ``cfg`` (optimizer fields + ``parallel``): its fast paths are
-    ``cfg.parallel.paths()``, the same the chunks were built with by :func:`load_chunks`."""
-    return MegatronTrainer(chunks, optim_config(cfg), total_steps, paths=cfg.parallel.paths())
+    """The trainer of a training stage config ``cfg`` (a :class:`~dapo_mcore.training.config.TrainingConfig`):
+    its fast paths are ``cfg.parallel.paths()``, the same the chunks were built with by :func:`load_chunks`."""
+    return MegatronTrainer(chunks, cfg.optim(), total_steps, paths=cfg.parallel.paths())
 
 
-def write_summary(out: Path, summary: dict) -> None:
-    """Rank 0 writes ``summary.json`` atomically (it marks the stage finished); every rank waits."""
+def save_summary(out: Path, summary: dict) -> None:
+    """Rank 0 writes ``summary.json`` (:func:`dapo_mcore.data.shards.write_summary`: it marks the stage
+    finished); every rank waits."""
     if dist.get_rank() == 0:
-        tmp = Path(out) / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(Path(out) / "summary.json")
+        write_summary(out, summary)
     dist.barrier()

@@ -20,6 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from dapo_mcore.packing import dp_share
+from dapo_mcore.parallel.fast_paths import PORTABLE
+
 # forward_step(model_chunk, batch) -> (output_tensor, loss_fn); loss_fn(output) -> (sum, count, logs)
 ForwardStep = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Callable]]
 
@@ -70,8 +73,6 @@ class MegatronTrainer:
         from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from dapo_mcore.parallel.fast_paths import PORTABLE
 
         optim.validate()
         paths = PORTABLE if paths is None else paths
@@ -209,8 +210,6 @@ def collect_per_microbatch(chunks: list, mbs: Sequence[dict], forward_step: Forw
     :func:`dapo_mcore.packing.dp_share`); returns, for every micro-batch in order, the list in the loss_fn
     logs under ``field``. The same result on every rank."""
     from megatron.core import parallel_state as ps
-
-    from dapo_mcore.packing import dp_share
 
     outs = forward_collect(chunks, dp_share(mbs, pad_id), forward_step)
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

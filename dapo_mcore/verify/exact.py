@@ -1,10 +1,20 @@
-"""Exact-match verifier for synthetic tasks (the chain task's ``answer: N`` line)."""
+"""Exact-match verifier for synthetic tasks whose solutions end with an ``answer: N`` line (the chain task)."""
 from __future__ import annotations
 
 from typing import Callable
 
-from dapo_mcore.tasks.chain import extract_answer as chain_extract_answer
 from dapo_mcore.verify.base import Verifier
+
+ANSWER_KEY = "answer:"
+
+
+def extract_answer(text: str) -> str | None:
+    """The value after the last ``answer:`` in ``text`` (up to the end of its line), or None."""
+    pos = text.rfind(ANSWER_KEY)
+    if pos < 0:
+        return None
+    rest = text[pos + len(ANSWER_KEY):].strip().split("\n")[0].strip()
+    return rest or None
 
 
 class ExactMatchVerifier(Verifier):
@@ -12,7 +22,7 @@ class ExactMatchVerifier(Verifier):
 
     name = "exact"
 
-    def __init__(self, extract: Callable[[str], str | None] = chain_extract_answer, timeout_s: float | None = 5.0):
+    def __init__(self, extract: Callable[[str], str | None] = extract_answer, timeout_s: float | None = 5.0):
         super().__init__(timeout_s)
         self.extract = extract
 

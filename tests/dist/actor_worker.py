@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dapo_mcore.actor.batching import dapo_forward_step, pack_action_groups
-from dapo_mcore.actor.train import load_groups
+from dapo_mcore.actor.train import dapo_forward_step, load_groups
+from dapo_mcore.training.logprobs import pack_action_groups
 from dapo_mcore.models.convert import collect_hf_state, load_hf_weights
 from dapo_mcore.models.gpt import build_model_chunks
 from dapo_mcore.models.hf_config import load_arch, transformer_config

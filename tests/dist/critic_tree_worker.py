@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from dapo_mcore.critic.data import CriticExample, pack_examples, read_mc
-from dapo_mcore.critic.score import values_by_example
 from dapo_mcore.critic.train import value_forward_step
 from dapo_mcore.critic.tree import build_trees, node_weight, pack_pieces, tree_pieces
 from dapo_mcore.models.convert import collect_hf_state, load_hf_weights
@@ -21,6 +20,7 @@ from dapo_mcore.models.hf_config import load_arch, transformer_config
 from dapo_mcore.packing import dp_share
 from dapo_mcore.parallel.runtime import ParallelConfig, destroy_parallel, initialize_parallel
 from dapo_mcore.training.trainer import MegatronTrainer, OptimConfig
+from dapo_mcore.training.values import values_by_example
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dapo_mcore.critic.data import pack_examples, read_mc, solution_examples
-from dapo_mcore.critic.score import ScoreGroup, score_groups
+from dapo_mcore.training.values import ScoreGroup, score_groups
 from dapo_mcore.packing import dp_share
 from dapo_mcore.critic.train import value_forward_step
 from dapo_mcore.models.convert import collect_hf_state, load_hf_weights

@@ -11,6 +11,15 @@ Modes (argv[1]):
   train     TP PP MODEL OUT [--steps N] [--save-at K --ckpt DIR] [--load DIR] [--vpp V]
             LM training steps on fixed synthetic batches; rank 0 writes OUT/losses.json and
             OUT/grads_step1.safetensors (HF-named gradients of the first step run)
+  params    TP PP MODEL OUT            real parameter count of every rank's chunks and the planner's prediction
+                                       (dapo_mcore.plan.memory.rank_params) -> OUT json (rank 0)
+  realtext  TP PP MODEL OUT --groups FILE
+            shared-prefix packed log-probs (actor/reference path) and critic scores (critic scoring path)
+            of the states/actions in FILE (JSON [{"state": ids, "actions": [ids, ...]}, ...]) vs one
+            unpacked forward per sequence -> OUT json
+
+Every mode takes ``--ep E`` (MoE expert parallel size; the world size is then a multiple of TP x PP x E and
+the extra ranks are data-parallel copies that run the same batches).
 """
 from __future__ import annotations
 
@@ -132,15 +141,16 @@ def packing_check(model, arch) -> dict:
     return res
 
 
-def pipeline_values(chunks, batches) -> torch.Tensor | None:
-    """Forward-only value logits [b, s] through the pipeline schedule (returned on every rank)."""
+def pipeline_forward(chunks, batches, collect) -> torch.Tensor:
+    """Forward-only through the pipeline schedule: ``collect(last_stage_output)`` of every micro-batch,
+    concatenated on dim 0, returned on every rank (broadcast from the last pipeline stage)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
 
     def step(data_iterator, model):
         b = next(data_iterator)
-        v = model(b["input_ids"], b["position_ids"], None)
-        return v, lambda o: (o.sum() * 0, {"v": o.squeeze(-1).detach()})
+        out = model(b["input_ids"], b["position_ids"], None)
+        return out, lambda o: (o.sum() * 0, {"x": collect(o).detach()})
 
     for c in chunks:
         c.eval()
@@ -148,13 +158,61 @@ def pipeline_values(chunks, batches) -> torch.Tensor | None:
         res = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=chunks[0],
                                           num_microbatches=len(batches), seq_length=batches[0]["input_ids"].shape[1],
                                           micro_batch_size=batches[0]["input_ids"].shape[0], forward_only=True)
-    from megatron.core import parallel_state as ps
-
-    v = torch.cat([r["v"] for r in res]) if res else torch.zeros(0)
-    obj = [v]
+    x = torch.cat([r["x"] for r in res]) if res else torch.zeros(0)
+    obj = [x]
     torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
                                             group=ps.get_pipeline_model_parallel_group())
     return obj[0]
+
+
+def pipeline_values(chunks, batches) -> torch.Tensor:
+    """Forward-only value logits [b, s] through the pipeline schedule (returned on every rank)."""
+    return pipeline_forward(chunks, batches, lambda o: o.squeeze(-1))
+
+
+def pipeline_logits(chunks, batches) -> torch.Tensor:
+    """Forward-only full-vocab logits [b, s, V] (gathered over TP) through the pipeline schedule."""
+    return pipeline_forward(chunks, batches, gather_full_logits)
+
+
+def realtext_check(chunks, arch, cfg, model_dir: str, groups_file: str) -> dict:
+    """Shared-prefix packed log-probs (``reference_logprobs``, the fused op on packed rows) and critic scores
+    (``score_groups``) vs one unpacked forward per sequence (full-vocab log_softmax / value at the last token)."""
+    from dapo_mcore.training.logprobs import reference_logprobs
+    from dapo_mcore.training.logprobs import ActionGroup
+    from dapo_mcore.training.values import ScoreGroup, score_groups
+
+    raw = json.loads(Path(groups_file).read_text())
+    groups = [ActionGroup(state=g["state"], actions=g["actions"]) for g in raw]
+    budget = max(sum(g.cost() for g in groups) // 2, max(g.cost() for g in groups))  # several groups per row
+    packed = reference_logprobs(chunks, groups, budget, pad_id=0)
+    lp_diff, n_tok, unpacked_tokens = 0.0, 0, 0
+    for g, lps in zip(groups, packed):
+        for a, lp in zip(g.actions, lps):
+            seq = g.state + a
+            unpacked_tokens += len(seq)
+            b = {"input_ids": torch.tensor([seq]), "position_ids": torch.arange(len(seq))[None]}
+            full = torch.log_softmax(pipeline_logits(chunks, [b])[0].double(), dim=-1)
+            ref = full[torch.arange(len(g.state) - 1, len(seq) - 1), torch.tensor(a)]
+            lp_diff = max(lp_diff, (torch.tensor(lp, dtype=torch.float64) - ref).abs().max().item())
+            n_tok += len(a)
+    vchunks = build_model_chunks(arch, cfg, value_head=True)
+    load_hf_weights(vchunks, model_dir, arch)
+    scores = score_groups(vchunks, [ScoreGroup(g.state, g.actions) for g in groups], budget, pad_id=0)
+
+    def value(seq):
+        b = {"input_ids": torch.tensor([seq]), "position_ids": torch.arange(len(seq))[None]}
+        return torch.sigmoid(pipeline_values(vchunks, [b])[0, -1].double()).item()
+
+    v_diff, n_v = 0.0, 0
+    for g, (vs, vsa) in zip(groups, scores):
+        v_diff = max(v_diff, abs(vs - value(g.state)))
+        for a, v in zip(g.actions, vsa):
+            v_diff = max(v_diff, abs(v - value(g.state + a)))
+        n_v += 1 + len(g.actions)
+    return {"logp_max_abs_diff": lp_diff, "logp_tokens": n_tok, "value_max_abs_diff": v_diff, "values": n_v,
+            "packed_tokens": sum(g.cost() for g in groups), "unpacked_tokens": unpacked_tokens,
+            "values_range": [min(min([v] + vv) for v, vv in scores), max(max([v] + vv) for v, vv in scores)]}
 
 
 def main() -> None:
@@ -170,12 +228,15 @@ def main() -> None:
     ap.add_argument("--load", default=None)
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--groups", default=None)
     args = ap.parse_args()
 
     initialize_parallel(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                       virtual_pipeline_model_parallel_size=args.vpp))
+                                       virtual_pipeline_model_parallel_size=args.vpp,
+                                       expert_model_parallel_size=args.ep))
     arch = load_arch(args.model)
-    cfg = transformer_config(arch, tp=args.tp, pp=args.pp, vpp=args.vpp)
+    cfg = transformer_config(arch, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep)
     chunks = build_model_chunks(arch, cfg, value_head=args.mode == "value")
     load_hf_weights(chunks, args.model, arch)
     rank = torch.distributed.get_rank()
@@ -184,9 +245,8 @@ def main() -> None:
     if args.mode == "logits":
         g = torch.Generator().manual_seed(7)
         ids = torch.randint(0, arch.vocab_size, (3, 21), generator=g)
-        pos = torch.arange(21).expand(3, 21)
-        with torch.no_grad():
-            logits = gather_full_logits(chunks[0](ids, pos, None))
+        pos = torch.arange(21).expand(3, 21).contiguous()
+        logits = pipeline_logits(chunks, [{"input_ids": ids, "position_ids": pos}])
         if rank == 0:
             torch.save({"ids": ids, "logits": logits}, out)
     elif args.mode == "value":
@@ -231,6 +291,24 @@ def main() -> None:
                                        "core": type(flex[0].decoder.layers[0].self_attention.core_attention).__name__}))
     elif args.mode == "packing":
         result = packing_check(chunks[0], arch)
+        if rank == 0:
+            out.write_text(json.dumps(result))
+    elif args.mode == "params":
+        from megatron.core import parallel_state as ps
+
+        from dapo_mcore.plan.memory import rank_params
+
+        row = {"rank": rank, "pp_rank": ps.get_pipeline_model_parallel_rank(),
+               "ep_rank": ps.get_expert_model_parallel_rank(),
+               "real": sum(p.numel() for c in chunks for p in c.parameters()),
+               "predicted": rank_params(arch, args.tp, args.pp, ps.get_pipeline_model_parallel_rank(), args.vpp,
+                                        ep=args.ep)}
+        rows: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(rows, row)
+        if rank == 0:
+            out.write_text(json.dumps(rows))
+    elif args.mode == "realtext":
+        result = realtext_check(chunks, arch, cfg, args.model, args.groups)
         if rank == 0:
             out.write_text(json.dumps(result))
     elif args.mode == "roundtrip":

@@ -1,5 +1,6 @@
-"""torchrun worker of tests/test_ops_tp.py: TP vocab-parallel fused_target_logprob (+ dapo_loss)
-against the same computation at TP=1, forward and gradients (hidden; weight shards gathered).
+"""torchrun worker of tests/test_ops_tp.py: TP vocab-parallel fused_target_logprob (+ dapo_loss) and
+fused_dapo_loss against the same computation at TP=1, forward and gradients (hidden; weight shards
+gathered; the fused loss also with its weight gradient into a pre-filled main_grad).
 
     torchrun --nproc-per-node 2 tests/dist/ops_tp_worker.py --impl cpp --out result.json
 """
@@ -9,7 +10,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from dapo_mcore.ops import dapo_loss, fused_target_logprob
+from dapo_mcore.ops import dapo_loss, fused_dapo_loss, fused_target_logprob
 
 
 def main() -> None:
@@ -52,6 +53,27 @@ def main() -> None:
 
     res = {"rank": rank, "logp": rel(lp2, lp1), "loss": rel(loss2.reshape(1), loss1.reshape(1)),
            "grad_hidden": rel(gh2, gh1), "grad_weight": rel(gw2, gw1)}
+
+    def run_fused(weight, tp_group):
+        # chunks of ~8 tokens of whole actions: a per-chunk all-reduce of the softmax statistics
+        hh = h.clone().requires_grad_()
+        p = torch.nn.Parameter(weight.clone())
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        prefill = torch.full(weight.shape, 0.5, dtype=acc)
+        p.main_grad = prefill.clone()
+        out = fused_dapo_loss(hh, p, y, ref_logp, seg, adv, 0.02, tp_group=tp_group, impl=args.impl,
+                              chunk_bytes=4 * weight.shape[0] * 8)
+        out.loss.backward()
+        return out.loss.detach(), out.log_ratio, out.logp, hh.grad, p.main_grad - prefill
+
+    f1 = run_fused(w, None)
+    f2 = run_fused(w[rank * v_local:(rank + 1) * v_local], group)
+    shards = [torch.empty_like(f2[4]) for _ in range(world)]
+    dist.all_gather(shards, f2[4].contiguous(), group=group)
+    res.update({"fused_loss": rel(f2[0].reshape(1), f1[0].reshape(1)), "fused_log_ratio": rel(f2[1], f1[1]),
+                "fused_logp": rel(f2[2], f1[2]), "fused_grad_hidden": rel(f2[3], f1[3]),
+                "fused_grad_weight": rel(torch.cat(shards), f1[4]),
+                "fused_vs_per_token_loss": rel(f1[0].reshape(1), loss1.reshape(1))})
     all_res = [None] * world
     dist.all_gather_object(all_res, res, group=group)
     if rank == 0:

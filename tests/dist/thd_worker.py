@@ -103,7 +103,7 @@ def model_part(tp: int, model_dir: str) -> dict:
             alone_grads = gi if alone_grads is None else {n: alone_grads[n] + gi[n] for n in gi}
     res["alone"] = (alone_logits, alone_grads)
     # negative control: the same tokens as ONE document (cu_seqlens [0, T]) must differ from alone
-    from dapo_mcore.parallel.fast_paths import thd_packed_seq_params
+    from dapo_mcore.packing import thd_packed_seq_params
 
     (mb,) = batch_rows(rows, 2, 0, "thd")
     T = mb["input_ids"].shape[1]

@@ -1,4 +1,5 @@
-"""Critic scoring service: V(s) and V(s ⊕ a_i) for many states, state encoded once per row.
+"""Value-model scoring: V(s) and V(s ⊕ a_i) for many states, state encoded once per row (the critic's
+held-out predictions and the advantage stage's action values).
 
 Groups (a state and its candidate actions) are packed with the shared-prefix layout of
 :mod:`dapo_mcore.packing` (each action attends to its state and itself; positions continue from the
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 
 from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
+from dapo_mcore.training.trainer import collect_per_microbatch
 
 
 @dataclass
@@ -59,8 +61,6 @@ def value_collect_step(model, batch: dict):
 def values_by_example(chunks: list, mbs: list[dict], sizes: Sequence[int], pad_id: int) -> list[list[float]]:
     """Run ``mbs`` forward-only over DP x PP; return, per example (``example_index``), its values in
     label order (``sizes[i]`` labels for example i). The same on every rank."""
-    from dapo_mcore.training.trainer import collect_per_microbatch
-
     res: dict[int, list[float]] = {}
     for mb, vals in zip(mbs, collect_per_microbatch(chunks, mbs, value_collect_step, "values", pad_id)):
         k = 0

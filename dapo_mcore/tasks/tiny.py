@@ -11,6 +11,8 @@ from typing import Iterable
 
 import torch
 
+from dapo_mcore.tasks.chain import make_problems
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
@@ -94,8 +96,6 @@ def bench_checkpoint(out_dir: str | Path, hidden: int, layers: int, max_position
                      seed: int = 0) -> Path:
     """The random model the CPU benchmarks time: a Qwen2 of ``hidden`` x ``layers`` (4 heads, 2 KV heads,
     SwiGLU of 3 x hidden) with a tokenizer trained on 500 chain-task solutions; saved to ``out_dir``."""
-    from dapo_mcore.tasks.chain import make_problems
-
     texts = [p.prompt + p.solution() for p in make_problems(500, 0)]
     cfg = TinyModelConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_layers=layers, num_heads=4,
                           num_kv_heads=2, max_position_embeddings=max_position_embeddings)

@@ -17,53 +17,36 @@ up to the step delimiter and never completed: they follow the completions' actio
 tokens are metered apart (``summary["one_step"]``) for the budget accounting.
 
 Completions are verified on ``decode(state steps) + completion text`` (the whole solution).
-``python -m dapo_mcore.rollout.mc --help``.
+Run it with ``dapo-mcore mc CONFIG`` (section ``mc``; ``dapo-mcore mc --help`` lists the keys).
 """
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
+from dapo_mcore.config import identity, option
 from dapo_mcore.data.shards import ShardedWriter, input_identity, iter_records
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
-from dapo_mcore.rollout.common import BackendConfig, RolloutMeter, finish_stage, make_backend, run_sharded
+from dapo_mcore.rollout.common import RolloutConfig, RolloutMeter, finish_stage, make_backend, run_sharded
 from dapo_mcore.rollout.segment import TokenBytes, first_step
 from dapo_mcore.rollout.states import State, StateStats, build_states
-from dapo_mcore.verify import VERIFIERS, make_verifier
+from dapo_mcore.verify import make_verifier
 
 
 @dataclass
-class MCConfig:
-    model_path: str                   # completer (= pi_ref) HF checkpoint
-    num_completions: int = 16         # N
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 256
-    delimiter: str = "\n"
-    verifier: str = "exact"
-    verify_timeout_s: float = 5.0
-    seed: int = 0
-    max_context: int | None = None    # default: the model's max_position_embeddings
-    num_actions: int = 0              # extra one-step candidate actions per state (never completed)
-    action_max_tokens: int = 64       # token limit of a one-step sample
-    shard_size: int = 256             # states per shard
-    batch_requests: int = 32          # states sent to the backend at once
-    fmt: str = "parquet"
-    show_progress: bool = True
-    backend: BackendConfig = field(default_factory=BackendConfig)
+class MCConfig(RolloutConfig):
+    """Stage 2 (mc). Paper: N=16."""
 
-    def identity(self) -> dict:
-        d = asdict(self)
-        for k in ("batch_requests", "show_progress", "backend"):
-            d.pop(k)
-        d["backend"] = self.backend.identity()
-        if not self.num_actions:   # without one-step samples these fields change nothing
-            d.pop("num_actions")
-            d.pop("action_max_tokens")
-        return d
+    model_path: str = option("", "HF checkpoint of the completer (pi_ref)", identity=False)
+    num_completions: int = option(16, "N: completions per state")
+    delimiter: str = option("\n", "step delimiter")
+    max_context: Optional[int] = option(None, "context length (default: the model's max_position_embeddings)")
+    num_actions: int = option(0, "extra one-step candidate actions per state, sampled up to the delimiter and "
+                                 "never completed (only a critic can score them)")
+    action_max_tokens: int = option(64, "token limit of a one-step candidate action")
+    shard_size: int = option(256, "states per output shard (the unit of resume)")
+    batch_requests: int = option(32, "states sent to the backend at once", identity=False)
 
 
 def collect_states(in_dir: str | Path, token_bytes: TokenBytes, delimiter: str, max_context: int,
@@ -89,12 +72,14 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
     """Run (or resume) the mc stage on a finished generate output ``in_dir``; returns the summary."""
     from transformers import AutoConfig, AutoTokenizer
 
+    if not cfg.model_path:
+        raise ValueError("mc.model_path is required (the completer's HF checkpoint)")
     tok = AutoTokenizer.from_pretrained(cfg.model_path)
     tb = TokenBytes(tok)
     max_ctx = cfg.max_context or int(getattr(AutoConfig.from_pretrained(cfg.model_path), "max_position_embeddings", 4096))
     sstats = StateStats()
     states = collect_states(in_dir, tb, cfg.delimiter, max_ctx, sstats)
-    writer = ShardedWriter(out_dir, "mc", {"config": cfg.identity(), "input": input_identity(in_dir)}, cfg.fmt,
+    writer = ShardedWriter(out_dir, "mc", {"config": identity(cfg), "input": input_identity(in_dir)}, cfg.fmt,
                            overwrite=overwrite)
     verifier = make_verifier(cfg.verifier, cfg.verify_timeout_s)
     meter, one_meter = RolloutMeter(), RolloutMeter()
@@ -153,34 +138,3 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
     if cfg.num_actions:
         summary["one_step"] = one_meter.summary()
     return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from dapo_mcore.rollout.generate import add_backend_args, backend_from_args
-
-    ap = argparse.ArgumentParser(description="DAPO stage 2: N completions per state, MC values, candidate actions.")
-    ap.add_argument("--solutions", required=True, help="output directory of the generate stage")
-    ap.add_argument("--model", required=True, help="completer HF checkpoint")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("-N", "--num-completions", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=-1)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--delimiter", default="\n", help="step delimiter (escape sequences like \\n are decoded)")
-    ap.add_argument("--verifier", choices=sorted(VERIFIERS), default="exact")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-size", type=int, default=256)
-    ap.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
-    ap.add_argument("--overwrite", action="store_true")
-    add_backend_args(ap)
-    a = ap.parse_args(argv)
-    cfg = MCConfig(model_path=a.model, num_completions=a.num_completions, temperature=a.temperature, top_p=a.top_p,
-                   top_k=a.top_k, max_new_tokens=a.max_new_tokens,
-                   delimiter=a.delimiter.encode().decode("unicode_escape"), verifier=a.verifier, seed=a.seed,
-                   shard_size=a.shard_size, fmt=a.format, backend=backend_from_args(a))
-    print(json.dumps(run_mc(cfg, a.solutions, a.out, overwrite=a.overwrite), indent=1))
-
-
-if __name__ == "__main__":
-    main()

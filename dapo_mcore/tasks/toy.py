@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dapo_mcore.models.tiny import TinyModelConfig, build_tiny_checkpoint
+from dapo_mcore.tasks.tiny import TinyModelConfig, build_tiny_checkpoint
 from dapo_mcore.tasks.chain import make_problems
 
 

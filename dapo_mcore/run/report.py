@@ -3,7 +3,8 @@
 Sections: verdict and before/after accuracy table (with intervals), stage timings and throughputs,
 dataset counts, critic calibration (held-out metrics + ``calibration.png``), advantage histogram,
 actor loss curves (``actor_loss.png``, drawn here from ``metrics.jsonl``), and the resolved config.
-It says plainly when DAPO did not beat the reference, and which stages or controls were not run.
+It says plainly when DAPO did not beat the reference. Stages are listed in the order of the stage table, each
+with the line its table row draws from its ``summary.json``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
+
 from dapo_mcore.eval.diagnostics import diagnostics_markdown, iteration_diagnostics
+from dapo_mcore.eval.table import comparison_markdown
+from dapo_mcore.run.layout import RunLayout
+from dapo_mcore.run.stages import NEXT_REFERENCE, STAGE, STAGES
 
 
 def _load(path: Path) -> Optional[dict]:
@@ -46,10 +52,8 @@ def verdict(cmp: dict, label: str = "dapo") -> list[str]:
 
 def plot_actor_losses(metrics: dict[str, Path], out_png: Path) -> Optional[Path]:
     """Plot every numeric ``*loss*`` key of each ``metrics.jsonl`` against ``step``; None if none."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # after choosing the backend
 
     series = {}
     for label, path in metrics.items():
@@ -73,32 +77,22 @@ def plot_actor_losses(metrics: dict[str, Path], out_png: Path) -> Optional[Path]
     return out_png
 
 
-ORDER = ("generate", "mc", "critic", "advantage", "actor", "advantage-outcome", "actor-outcome", "rft-generate", "rft",
-         "eval")
+ORDER = tuple(s.name for s in STAGES)
+MAIN_LABEL = STAGE[NEXT_REFERENCE].label       # the DAPO policy: the verdict every report states
 
 
-def _throughput(summary: Optional[dict]) -> str:
-    s = summary or {}
-    th = s.get("throughput")
-    if not th:
-        sec = s.get("seconds") or 0.0
-        if s.get("stage") == "train-critic" and sec:
-            n = s["counts"]["train_labels"] * s.get("config", {}).get("epochs", 1)
-            return f"{s['steps']} steps, {n / sec:.0f} labelled states/s"
-        if s.get("stage") == "train-actor" and sec:
-            return f"{s['steps']} steps, {s['actions'] * s.get('epochs', 1) / sec:.0f} actions/s"
-        if s.get("stage") == "advantage" and sec:
-            return f"{s.get('candidate_states', 0) / sec:.0f} states/s"
-        return ""
-    return (f"{th.get('samples', 0)} samples, {th.get('samples_per_s', 0):.1f} samples/s, "
-            f"{th.get('tokens_per_s', 0):.0f} tok/s, prefix cache {th.get('cache_hit_rate', 0):.0%}")
+def _note(stage: str, summary: Optional[dict]) -> str:
+    """The stage table row's line for a unit's summary (empty when it has none)."""
+    row = STAGE.get(stage)
+    return row.note(summary) if row is not None and summary else ""
 
 
 def write_report(out_dir: str | Path) -> Path:
     """Write ``<out_dir>/report.md`` (and the PNGs it draws); return its path."""
-    out = Path(out_dir)
-    timings = _load(out / "timings.json") or {}
-    iters = sorted((p for p in out.glob("iter_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    layout = RunLayout(Path(out_dir))
+    out = layout.out
+    timings = _load(layout.timings) or {}
+    iters = layout.iterations()
     md = [f"# DAPO run report: `{out}`", "",
           "Direct Advantage Policy Optimization (arXiv 2412.18279).", ""]
     for it in iters:
@@ -107,19 +101,17 @@ def write_report(out_dir: str | Path) -> Path:
         cmp = _load(it / "eval" / "comparison.json")
         md += ["### Before / after (held-out, greedy)", ""]
         if cmp:
-            from dapo_mcore.eval.table import comparison_markdown
-
-            md += verdict(cmp, "dapo")
-            if "outcome-only" in cmp["models"]:
-                md += verdict(cmp, "outcome-only")
+            md += verdict(cmp, MAIN_LABEL)
+            for s in STAGES:
+                if s.label and s.label != MAIN_LABEL and s.label in cmp["models"]:
+                    md += verdict(cmp, s.label)
             md += ["", comparison_markdown(cmp)]
         else:
             md += ["Evaluation was not run in this iteration.", ""]
         md += ["### Stages", "", "| stage | status | seconds | throughput / note |", "|---|---|---|---|"]
         rows = [t for key, t in timings.items() if key.startswith(k + "/")]
         for t in sorted(rows, key=lambda t: ORDER.index(t["stage"]) if t["stage"] in ORDER else len(ORDER)):
-            summ = _load(it / t["stage"] / "summary.json") if t["stage"] != "eval" else None
-            note = t.get("note") or _throughput(summ)
+            note = t.get("note") or _note(t["stage"], _load(it / t["stage"] / "summary.json"))
             md.append(f"| {t['stage']} | {t['status']} | {t['seconds']:.1f} | {note} |")
         md.append("")
         gen, mc = _load(it / "generate" / "summary.json"), _load(it / "mc" / "summary.json")
@@ -153,15 +145,16 @@ def write_report(out_dir: str | Path) -> Path:
         md += diagnostics_markdown(diag)
         if (it / "advantage" / "advantage_hist.png").is_file():
             md += ["### Advantages", "", f"![advantage histogram]({k}/advantage/advantage_hist.png)", ""]
-        metrics = {u: it / u / "metrics.jsonl" for u in ("actor", "actor-outcome") if (it / u / "metrics.jsonl").is_file()}
+        metrics = {s.name: it / s.name / "metrics.jsonl" for s in STAGES      # the actor and its controls
+                   if s.section == STAGE[NEXT_REFERENCE].section and (it / s.name / "metrics.jsonl").is_file()}
         if metrics:
             png = plot_actor_losses(metrics, it / "actor_loss.png")
             if png:
                 md += ["### Actor loss", "", f"![actor loss]({k}/actor_loss.png)", ""]
-    cfg = out / "config.yaml"
+    cfg = layout.config
     if cfg.is_file():
         md += ["## Resolved config", "", "```yaml", cfg.read_text().rstrip(), "```", ""]
-    path = out / "report.md"
+    path = layout.report
     path.write_text("\n".join(md))
     return path
 

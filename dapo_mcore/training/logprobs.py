@@ -1,4 +1,9 @@
-"""State groups (a state and its actions) packed for the policy: DAPO training and reference log-probs.
+"""Per-token log-probs of packed state groups under the policy: what actor training, the advantage
+stage's reference log-probs and SFT share.
+
+:func:`token_logp` reads log π(tgt | prefix) from the last-stage hidden states through the fused op (never
+a [tokens x vocab] tensor). State groups (a state and its actions) are packed for it by
+:func:`pack_action_groups`; :func:`reference_logprobs` runs them forward-only over DP x PP.
 
 A micro-batch is one or more packed rows (see :mod:`dapo_mcore.packing`) holding several state groups. With
 ``shared=True`` (the default) a state is encoded once and its actions follow it (shared-prefix mask);
@@ -20,7 +25,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from dapo_mcore.models.gpt import unwrap_model
+from dapo_mcore.ops import fused_target_logprob
 from dapo_mcore.packing import RowBuilder, batch_rows, first_fit_decreasing
+from dapo_mcore.training.trainer import collect_per_microbatch
 
 
 @dataclass
@@ -75,23 +83,23 @@ def pack_action_groups(groups: Sequence[ActionGroup], token_budget: int, pad_id:
     return batch_rows(rows, rows_per_microbatch, pad_id)
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+def output_inputs(model, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[object]]:
+    """``(h [N, H], w [V_local, H], tp_group)``: the hidden states of the packed action tokens (the rows
+    ``batch["src"]`` of the last-stage hidden states ``[1, L, H]``), the output weight (this rank's vocab
+    shard, in h's dtype: the parameter itself when the dtypes match, so megatron's ``main_grad`` fusion
+    applies) and the TP group (None at TP=1) — what the fused ops take."""
+    from megatron.core import parallel_state as ps
+
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["src"])
+    w = unwrap_model(model).output_weight()
+    tp = ps.get_tensor_model_parallel_world_size()
+    return h, w.to(h.dtype), ps.get_tensor_model_parallel_group() if tp > 1 else None
 
 
 def token_logp(model, hidden: torch.Tensor, batch: dict, impl: Optional[str] = None) -> torch.Tensor:
     """log pi(tgt | prefix) ``[N]`` fp32 from the last-stage hidden states ``[1, L, H]`` via the fused op."""
-    from megatron.core import parallel_state as ps
-
-    from dapo_mcore.ops import fused_target_logprob
-
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["src"])
-    w = _unwrap(model).output_weight()
-    tp = ps.get_tensor_model_parallel_world_size()
-    return fused_target_logprob(h, w.to(h.dtype), batch["tgt"], ps.get_tensor_model_parallel_group() if tp > 1 else None,
-                                impl=impl)
+    h, w, tp_group = output_inputs(model, hidden, batch)
+    return fused_target_logprob(h, w, batch["tgt"], tp_group, impl=impl)
 
 
 def logp_collect_step(model, batch: dict):
@@ -105,34 +113,14 @@ def logp_collect_step(model, batch: dict):
     return hidden, loss_fn
 
 
-def dapo_forward_step(beta: float, impl: Optional[str] = None):
-    """Training step factory: loss sum = ½ Σ_actions (A/β − Σ_tokens(logp − ref_logp))², count = #actions.
-
-    Extra sums logged per action: ``abs_log_ratio``, ``kl_k3`` (estimate of KL(π_ref‖π_θ) on the
-    reference's own actions: e^ρ − 1 − ρ), ``sign_agree`` (log-ratio moved with the sign of A; A = 0
-    counts as agreement only when ρ = 0).
-    """
-    from dapo_mcore.ops import dapo_loss
-    from dapo_mcore.training.trainer import make_loss_fn
-
-    def step(model, batch):
-        hidden = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], output="hidden")
-
-        def compute(h):
-            n_act = len(batch["action_keys"])
-            lp = token_logp(model, h, batch, impl)
-            if n_act == 0:
-                # A DP-padding micro-batch: zero loss, but through the fused op (T=0), so the output weight
-                # still receives a gradient and megatron DDP's grad-ready hook fires for it (with
-                # overlap_grad_reduce every param must report ready each step).
-                zero = h.sum() * 0.0 + lp.sum() * 0.0
-                return zero, 0, {"abs_log_ratio": 0.0, "kl_k3": 0.0, "sign_agree": 0.0}
-            out = dapo_loss(lp, batch["ref_logp"].to(lp.dtype), batch["seg"], batch["advantages"].to(lp.dtype), beta,
-                            normalizer=1.0, impl=impl)
-            rho, adv = out.log_ratio.double(), batch["advantages"].double()
-            return out.loss, n_act, {"abs_log_ratio": rho.abs().sum(), "kl_k3": (torch.exp(rho) - 1 - rho).sum(),
-                                     "sign_agree": (torch.sign(rho) == torch.sign(adv)).double().sum()}
-
-        return hidden, make_loss_fn(compute)
-
-    return step
+def reference_logprobs(chunks: list, groups: Sequence[ActionGroup], token_budget: int, pad_id: int,
+                       rows_per_microbatch: int = 1) -> list[list[list[float]]]:
+    """Per group, per action, the per-token log π(a | s) (fused op, shared-prefix rows, DP x PP); the same
+    lists on every rank."""
+    mbs = pack_action_groups(groups, token_budget, pad_id, shared=True, rows_per_microbatch=rows_per_microbatch)
+    res: dict[tuple, list[float]] = {}
+    for mb, lp in zip(mbs, collect_per_microbatch(chunks, mbs, logp_collect_step, "logp", pad_id)):
+        seg = mb["seg"].tolist()
+        for local, key in enumerate(mb["action_keys"]):
+            res[key] = [x for x, s in zip(lp, seg) if s == local]
+    return [[res[(gi, ai)] for ai in range(len(g.actions))] for gi, g in enumerate(groups)]

@@ -1,0 +1,318 @@
+// CPU kernels of the fused DAPO-loss op (dapo_mcore::fused_loss_logits / fused_loss_grads), one token
+// chunk of whole actions at a time (dapo_mcore/ops/fused_dapo_loss.py drives the chunks, the TP
+// all-reduces and the loss arithmetic between the two calls):
+//
+//   fused_loss_logits: z^T = W_blk @ h^T for every vocab block (threads take blocks dynamically), kept in
+//     the caller's buffer z ([n_blocks][block_v][T], accumulation dtype), and per token the online
+//     (max, sum-exp) and the target logit, as target_logprob_fwd returns them;
+//   fused_loss_grads: per vocab block, G^T = coef * (onehot(y) - exp(z^T - lse)) in place, then
+//     grad_W[blk] += G^T @ h (straight into Megatron's fp32 main_grad) and grad_h += G @ W_blk
+//     (per-thread partials, summed at the end).
+// So the logits GEMM runs once: 3 GEMMs of 2*T*H*V_blk per block in all (6*T*H*V), no recompute.
+//
+// GEMMs: fp32/fp64 through MKL (at::mm_out / addmm_, one MKL thread per worker). bf16 with even H on a
+// CPU with AMX or AVX512-BF16: the packed-panel bf16 GEMM of csrc/panel_gemm.h (fp32 accumulate; the
+// logits are exact fp32 dot products of the bf16 inputs; G is rounded to bf16 for the two gradient
+// GEMMs, as on GPU tensor cores). Other bf16/fp16: blocks upcast to fp32 + MKL.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "fast_exp.h"
+#include "panel_gemm.h"
+
+namespace dapo {
+namespace {
+
+using at::Tensor;
+using cpu::acc_type;
+using cpu::for_each_chunk;
+using cpu::tile;
+using cpu::u16;
+using cpu::u16m;
+using cpu::u32;
+
+void check(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t block_v) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "fused_loss: hidden [T, H] and weight [V_local, H] expected, got ", hidden.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type() && at::isFloatingType(hidden.scalar_type()),
+              "fused_loss: hidden (", hidden.scalar_type(), ") and weight (", weight.scalar_type(),
+              ") must share one floating dtype");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) && targets.scalar_type() == at::kLong,
+              "fused_loss: targets must be int64 [T=", hidden.size(0), "], got ", targets.scalar_type(), " ",
+              targets.sizes());
+  TORCH_CHECK(weight.size(0) >= 1 && block_v >= 1, "fused_loss: empty vocab shard or block_v < 1");
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
+              "fused_loss: CPU kernels got a non-CPU tensor");
+}
+
+int64_t n_blocks(int64_t V, int64_t block_v) { return (V + block_v - 1) / block_v; }
+
+// Elements of z for T tokens: block b's z^T rows [vc, T] start at b * block_v * T.
+int64_t z_numel(int64_t T, int64_t V, int64_t block_v) { return n_blocks(V, block_v) * block_v * T; }
+
+void check_z(const Tensor& z, const Tensor& hidden, int64_t V, int64_t block_v) {
+  TORCH_CHECK(z.dim() == 1 && z.is_contiguous() && z.scalar_type() == acc_type(hidden) &&
+                  z.numel() >= z_numel(hidden.size(0), V, block_v),
+              "fused_loss: z must be a contiguous 1-D ", acc_type(hidden), " buffer of >= ",
+              z_numel(hidden.size(0), V, block_v), " elements, got ", z.scalar_type(), " ", z.sizes());
+}
+
+bool fast_bf16(const Tensor& hidden) {
+  return hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && panel::available();
+}
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> logits_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                               int64_t vocab_start, int64_t block_v, Tensor& z) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto acc = acc_type(hidden);
+  const auto opts = hidden.options().dtype(acc);
+  const bool fast = fast_bf16(hidden);
+  const bool upcast = weight.scalar_type() != acc && !fast;
+  Tensor h = fast ? hidden.detach().contiguous() : hidden.detach().to(acc).contiguous();
+  Tensor w = weight.detach().contiguous();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  acc_t* zp = z.data_ptr<acc_t>();
+  Tensor hT;  // bf16: B = h^T (K = H, N = T) packed once for all blocks
+  if (fast) {
+    hT = at::empty({panel::packed_words(H, T)}, at::kInt);
+    panel::pack(u16(h), H, H, T, /*rows_are_n=*/true, u32(hT));
+  }
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> run_max(static_cast<size_t>(nthreads) * T, -std::numeric_limits<acc_t>::infinity());
+  std::vector<acc_t> run_sum(static_cast<size_t>(nthreads) * T, acc_t(0));
+  Tensor tgt = at::zeros({T}, opts);
+  acc_t* tgt_p = tgt.data_ptr<acc_t>();
+
+  struct State {
+    acc_t* mx;
+    acc_t* sm;
+    std::vector<acc_t> bm;
+    Tensor wbuf;
+  };
+  for_each_chunk(
+      n_blocks(V, block_v),
+      [&] {
+        const int tid = at::get_thread_num();
+        return State{run_max.data() + static_cast<size_t>(tid) * T, run_sum.data() + static_cast<size_t>(tid) * T,
+                     std::vector<acc_t>(T), upcast ? at::empty({block_v * H}, opts) : Tensor()};
+      },
+      [&](State& st, int64_t c) {
+        const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
+        acc_t* zt = zp + c * block_v * T;  // z^T of this block: [vc, T]
+        if (fast) {
+          if constexpr (std::is_same_v<acc_t, float>)
+            panel::gemm(vc, T, H, u16(w) + v0 * H, H, u32(hT), zt, T, false);
+        } else {
+          Tensor wc = w.narrow(0, v0, vc);
+          if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);
+          Tensor out = z.narrow(0, c * block_v * T, vc * T).view({vc, T});
+          at::mm_out(out, wc, h.t());
+        }
+        acc_t* bm = st.bm.data();
+        std::fill(bm, bm + T, -std::numeric_limits<acc_t>::infinity());
+        for (int64_t v = 0; v < vc; ++v) {
+          const acc_t* row = zt + v * T;
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) bm[t] = std::max(bm[t], row[t]);
+        }
+        acc_t* mx = st.mx;
+        acc_t* sm = st.sm;
+#pragma omp simd
+        for (int64_t t = 0; t < T; ++t) {
+          const acc_t m_new = std::max(mx[t], bm[t]);
+          sm[t] *= exp_acc(mx[t] - m_new);  // mx = -inf at first: exp(-inf) = 0
+          mx[t] = m_new;
+        }
+        for (int64_t v = 0; v < vc; ++v) {
+          const acc_t* row = zt + v * T;
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) sm[t] += exp_acc(row[t] - mx[t]);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t col = y[t] - vocab_start - v0;
+          if (col >= 0 && col < vc) tgt_p[t] = zt[col * T + t];  // exactly one block owns the target
+        }
+      },
+      [&](State&) {
+        if (fast) panel::release();
+      });
+
+  Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
+  acc_t* om = out_max.data_ptr<acc_t>();
+  acc_t* os = out_sum.data_ptr<acc_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int k = 0; k < nthreads; ++k) m = std::max(m, run_max[static_cast<size_t>(k) * T + t]);
+    acc_t s = 0;
+    for (int k = 0; k < nthreads; ++k) {
+      const acc_t mk = run_max[static_cast<size_t>(k) * T + t];
+      if (mk != -std::numeric_limits<acc_t>::infinity()) s += run_sum[static_cast<size_t>(k) * T + t] * exp_acc(mk - m);
+    }
+    om[t] = m;
+    os[t] = s;
+  }
+  return {out_max, out_sum, tgt};
+}
+
+template <typename acc_t>
+void grads_impl(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& lse_in,
+                const Tensor& coef_in, Tensor& z, int64_t vocab_start, int64_t block_v, const Tensor& grad_hidden,
+                const Tensor& grad_weight) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto acc = acc_type(hidden);
+  const auto opts = hidden.options().dtype(acc);
+  const bool fast = fast_bf16(hidden);
+  const bool upcast = weight.scalar_type() != acc && !fast;
+  const bool want_h = grad_hidden.defined(), want_w = grad_weight.defined();
+  Tensor h = fast ? hidden.detach().contiguous() : hidden.detach().to(acc).contiguous();
+  Tensor w = weight.detach().contiguous();
+  Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t* coef_p = coef.data_ptr<acc_t>();
+  acc_t* zp = z.data_ptr<acc_t>();
+  const int nthreads = at::get_num_threads();
+  Tensor gh_parts = want_h ? at::zeros({nthreads, T, H}, opts) : Tensor();
+  const int64_t Te = T + (T & 1), vce = block_v + (block_v & 1);  // even K of the two bf16 GEMMs
+  Tensor h_pairs;  // bf16: B = h (K = T, N = H) packed once, for G^T @ h
+  if (fast && want_w) {
+    h_pairs = at::empty({panel::packed_words(Te, H)}, at::kInt);
+    panel::pack(u16(h), H, T, H, /*rows_are_n=*/false, u32(h_pairs));
+  }
+
+  struct State {
+    Tensor gh, wbuf, gt16, g16, w_pairs;
+  };
+  for_each_chunk(
+      n_blocks(V, block_v),
+      [&] {
+        State st;
+        if (want_h) st.gh = gh_parts[at::get_thread_num()];
+        if (upcast) st.wbuf = at::empty({block_v * H}, opts);
+        if (fast) {
+          st.gt16 = at::empty({block_v * Te}, at::kBFloat16);
+          if (want_h) {
+            st.g16 = at::empty({T * vce}, at::kBFloat16);
+            st.w_pairs = at::empty({panel::packed_words(vce, H)}, at::kInt);
+          }
+        }
+        return st;
+      },
+      [&](State& st, int64_t c) {
+        const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
+        acc_t* gt = zp + c * block_v * T;  // z^T -> G^T in place: [vc, T]
+        for (int64_t v = 0; v < vc; ++v) {
+          acc_t* row = gt + v * T;
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) row[t] = -coef_p[t] * exp_acc(row[t] - lse_p[t]);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t col = y[t] - vocab_start - v0;
+          if (y[t] >= 0 && col >= 0 && col < vc) gt[col * T + t] += coef_p[t];
+        }
+        if (fast) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            uint16_t* g16t = u16m(st.gt16);  // G^T in bf16 [vc, Te]
+            for (int64_t v = 0; v < vc; ++v) {
+              const float* row = gt + v * T;
+              uint16_t* out = g16t + v * Te;
+#pragma omp simd
+              for (int64_t t = 0; t < T; ++t) out[t] = c10::detail::round_to_nearest_even(row[t]);
+              if (Te != T) out[T] = 0;
+            }
+            if (want_w)
+              panel::gemm(vc, H, Te, g16t, Te, u32(h_pairs), grad_weight.data_ptr<float>() + v0 * H, H, true);
+            if (want_h) {
+              const int64_t vk = vc + (vc & 1);
+              uint16_t* g = u16m(st.g16);  // G in bf16 [T, vk]
+              for (int64_t v = 0; v < vc; ++v)
+                for (int64_t t = 0; t < T; ++t) g[t * vk + v] = g16t[v * Te + t];
+              if (vk != vc)
+                for (int64_t t = 0; t < T; ++t) g[t * vk + vc] = 0;
+              panel::pack(u16(w) + v0 * H, H, vc, H, /*rows_are_n=*/false, u32(st.w_pairs));
+              panel::gemm(T, H, vk, g, vk, u32(st.w_pairs), st.gh.template data_ptr<float>(), H, true);
+            }
+          }
+          return;
+        }
+        Tensor Gt = z.narrow(0, c * block_v * T, vc * T).view({vc, T});
+        if (want_w) {
+          Tensor gwc = grad_weight.narrow(0, v0, vc);
+          gwc.addmm_(Gt, h);
+        }
+        if (want_h) {
+          Tensor wc = w.narrow(0, v0, vc);
+          if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);
+          st.gh.addmm_(Gt.t(), wc);
+        }
+      },
+      [&](State&) {
+        if (fast) panel::release();
+      });
+  if (want_h) at::sum_out(const_cast<Tensor&>(grad_hidden), gh_parts, {0});
+}
+
+}  // namespace
+
+// (max [T], sumexp [T] relative to max, target_logit [T]) over this vocab shard, as target_logprob_fwd,
+// and the logits in z (a caller-owned buffer, see z_numel).
+std::tuple<Tensor, Tensor, Tensor> fused_loss_logits(const Tensor& hidden, const Tensor& weight,
+                                                     const Tensor& targets, int64_t vocab_start, int64_t block_v,
+                                                     Tensor& z) {
+  check(hidden, weight, targets, block_v);
+  check_z(z, hidden, weight.size(0), block_v);
+  if (hidden.scalar_type() == at::kDouble)
+    return logits_impl<double>(hidden, weight, targets, vocab_start, block_v, z);
+  return logits_impl<float>(hidden, weight, targets, vocab_start, block_v, z);
+}
+
+// From fused_loss_logits' z (overwritten): G = coef * (onehot(y) - exp(z - lse)); writes grad_hidden
+// [T, H] = G @ W (of this shard) and ADDS G^T @ h into grad_weight [V_local, H] (e.g. Megatron's
+// main_grad); both in the accumulation dtype, contiguous; either may be None (skipped).
+void fused_loss_grads(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& lse,
+                      const Tensor& coef, Tensor& z, int64_t vocab_start, int64_t block_v,
+                      const std::optional<Tensor>& grad_hidden, const std::optional<Tensor>& grad_weight) {
+  check(hidden, weight, targets, block_v);
+  check_z(z, hidden, weight.size(0), block_v);
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == T && coef.dim() == 1 && coef.size(0) == T,
+              "fused_loss_grads: lse and coef must be [T=", T, "]");
+  const auto acc = acc_type(hidden);
+  Tensor gh = grad_hidden.has_value() ? *grad_hidden : Tensor();
+  Tensor gw = grad_weight.has_value() ? *grad_weight : Tensor();
+  if (gh.defined())
+    TORCH_CHECK(gh.sizes() == at::IntArrayRef({T, H}) && gh.is_contiguous() && gh.scalar_type() == acc,
+                "fused_loss_grads: grad_hidden must be a contiguous ", acc, " [", T, ", ", H, "] tensor, got ",
+                gh.scalar_type(), " ", gh.sizes());
+  if (gw.defined())
+    TORCH_CHECK(gw.sizes() == weight.sizes() && gw.is_contiguous() && gw.scalar_type() == acc && gw.device().is_cpu(),
+                "fused_loss_grads: grad_weight must be a contiguous CPU ", acc, " tensor of the weight's shape ",
+                weight.sizes(), ", got ", gw.scalar_type(), " ", gw.sizes());
+  if (T == 0) return;
+  (void)V;
+  if (hidden.scalar_type() == at::kDouble)
+    return grads_impl<double>(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
+  grads_impl<float>(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
+}
+
+std::string bf16_gemm_engine() { return panel::engine_name(); }
+
+}  // namespace dapo
+
+TORCH_LIBRARY_IMPL(dapo_mcore, CPU, m) {
+  m.impl("fused_loss_logits", &dapo::fused_loss_logits);
+  m.impl("fused_loss_grads", &dapo::fused_loss_grads);
+}
+
+TORCH_LIBRARY_IMPL(dapo_mcore, CatchAll, m) { m.impl("bf16_gemm_engine", &dapo::bf16_gemm_engine); }

@@ -1,0 +1,1 @@
+"""Stage 1, generate: K samples per training problem, verified; M kept, correct and wrong balanced."""
