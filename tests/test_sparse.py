@@ -174,10 +174,12 @@ def test_controls_first_only_outcome_beta_and_token_budget_through_the_table(tmp
 
 
 # ---------------------------------------------------------------------------------- diagnostics
-def _write(d: Path, stage: str, records: list[dict]) -> None:
+def _write(d: Path, stage: str, records: list[dict], finished: bool = True) -> None:
     w = ShardedWriter(d, stage, {"t": stage}, "jsonl")
     w.write_shard(0, records)
     w.finalize(1)
+    if finished:   # a stage's summary.json is written last
+        (d / "summary.json").write_text(json.dumps({"stage": stage}))
 
 
 def test_diagnostics_by_position(tmp_path):
@@ -215,6 +217,11 @@ def test_diagnostics_by_position(tmp_path):
     d = iteration_diagnostics(it)
     assert d["rft"] == {"problems": 3, "problems_with_correct": 2, "samples": 12, "correct_samples": 4}
     assert d["budget"]["dapo"]["generated_tokens"] == 200 and "advantage_critic" in d
+    # an iteration stopped mid-way: outputs without summary.json are not read
+    part = tmp_path / "iter_1"
+    _write(part / "mc", "mc", [{"state_id": "s0", "num_steps": 0}], finished=False)
+    _write(part / "advantage", "advantage", adv[:1])
+    assert "advantage_critic" not in iteration_diagnostics(part)
 
 
 def test_sparse_table_and_result_lines(tmp_path):

@@ -130,16 +130,16 @@ def iteration_diagnostics(it: str | Path, step_checker: str = "") -> dict:
     critic = _load(it / "critic" / "summary.json")
     if critic and critic.get("heldout", {}).get("ranking"):
         out["critic_heldout_ranking"] = critic["heldout"]["ranking"]
-    if (it / "mc" / "manifest.json").is_file():
+    if (it / "mc" / "summary.json").is_file():
         positions = _positions(it / "mc")
         check = tok = None
         if step_checker:
             check, tok = get_checker(step_checker), _tokenizer(it)
         for stage, key in (("advantage", "critic"), ("advantage-outcome", "outcome")):
-            if (it / stage / "manifest.json").is_file():
+            if (it / stage / "summary.json").is_file():
                 out[f"advantage_{key}"] = advantage_by_position(it / stage, positions,
                                                                 check if key == "critic" else None, tok)
-    if (it / "rft-generate" / "manifest.json").is_file():
+    if (it / "rft-generate" / "summary.json").is_file():
         out["rft"] = rft_coverage(it / "rft-generate")
     return out
 

@@ -112,7 +112,8 @@ def sparse_table(runs: list[str | Path], set_name: str = "heldout") -> tuple[str
             cells.append(f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]")
         md.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     b0 = [_budget(r, 0) for r in runs]
-    b1 = [_budget(r, 1) for r in runs]
+    # the second iteration's budget only when every run finished it (a run stopped mid-way has a partial one)
+    b1 = [_budget(r, 1) for r in runs] if "iterative DAPO (2 iterations)" in res else []
     if b0[0]:
         md += ["", "Generation budget (generated tokens, mean over seeds; evaluation excluded):", "",
                "| method | generated tokens | samples |", "|---|---|---|"]
