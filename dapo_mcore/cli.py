@@ -1,6 +1,6 @@
 """``dapo-mcore``: the DAPO pipeline from the command line; its stage commands come from the stage table.
 
-    dapo-mcore run CONFIG [key=value ...] [--iterations K] [--nproc N]
+    dapo-mcore run CONFIG [key=value ...] [--iterations K] [--nproc N] [--nnodes N --node-rank R --master-addr A]
     dapo-mcore generate|mc|train-critic|advantage|train-actor CONFIG [key=value ...] [--iteration K] [--force]
     dapo-mcore eval CONFIG [key=value ...] [--iteration K] [--model LABEL=PATH ...]
     dapo-mcore export CONFIG [--iteration K] [--stage actor|critic|...] --to DIR
@@ -8,6 +8,8 @@
     dapo-mcore plan ...            (forwarded to dapo_mcore.plan)
     dapo-mcore import-model NAME [OUT]   (forwarded to dapo_mcore.models.importer)
 
+On several nodes every node runs the same command with its ``--node-rank``: node 0 runs the stage graph and
+launches each distributed stage across the nodes, the others join those jobs (``dapo_mcore.run.launch``).
 A stage command is the only way to run a stage: ``dapo-mcore <stage> --help`` lists its config keys with
 their types and defaults. User errors (bad config, missing file, unfinished input stage) print one line and
 exit with 2.
@@ -15,6 +17,7 @@ exit with 2.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +28,7 @@ from dapo_mcore.data.problems import ProblemSetError
 from dapo_mcore.data.shards import ShardError
 from dapo_mcore.parallel.runtime import ParallelConfigError, process_group_scope
 from dapo_mcore.run.checks import verify_hf_checkpoint
-from dapo_mcore.run.launch import run_job
+from dapo_mcore.run.launch import Cluster, Head, follow, inside_torchrun, run_job
 from dapo_mcore.run.layout import PipelineError, RunLayout, finished
 from dapo_mcore.run.pipeline import Pipeline
 from dapo_mcore.run.report import write_report
@@ -41,6 +44,25 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides parsed as YAML scalars, e.g. critic.lr=1e-4 run.nproc=2")
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several nodes (every node runs the same command; node 0 runs the stage graph)")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes of the allocation (default 1)")
+    g.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank (default $NODE_RANK, else $SLURM_NODEID, else 0)")
+    g.add_argument("--master-addr", default=None, help="node 0's address (default $MASTER_ADDR, else 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="the torchrun rendezvous port on node 0 (default $MASTER_PORT, else 29500)")
+
+
+def cluster_from_args(a, env=os.environ) -> Cluster:
+    """This node's :class:`Cluster` from the flags, else the environment (one node inside a torchrun job)."""
+    if inside_torchrun() or getattr(a, "nnodes", 1) == 1:
+        return Cluster()
+    rank = a.node_rank if a.node_rank is not None else int(env.get("NODE_RANK", env.get("SLURM_NODEID", "0")))
+    return Cluster(a.nnodes, rank, a.master_addr or env.get("MASTER_ADDR", "127.0.0.1"),
+                   a.master_port if a.master_port is not None else int(env.get("MASTER_PORT", "29500")))
 
 
 def config_keys(stage: Stage) -> str:
@@ -74,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run all stages (skipping finished ones) and write <out>/report.md.")
     _config_args(p)
     p.add_argument("--iterations", type=int, help="iterative DAPO: K iterations (overrides run.iterations)")
-    p.add_argument("--nproc", type=int, help="processes for the distributed stages (overrides run.nproc)")
+    p.add_argument("--nproc", type=int, help="processes per node for the distributed stages (overrides run.nproc)")
+    _cluster_args(p)
 
     for command, stage in COMMANDS.items():
         p = sub.add_parser(command, help=stage.help, epilog=config_keys(stage),
@@ -83,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--iteration", type=int, default=0, help="iteration index (default 0)")
         p.add_argument("--force", action="store_true", help="recompute even if finished")
+        _cluster_args(p)
         if stage.distributed:
             p.add_argument("--nproc", type=int, help="processes (overrides run.nproc)")
             _layout_flags(p, stage)
@@ -107,6 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. smollm2-135m-instruct; arguments forwarded to dapo_mcore.models.importer)", add_help=False,
                    description="Forwarded to dapo_mcore.models.importer.main.")
     return ap
+
+
+def _graph(a, cfg, head) -> int:
+    """``run`` or one stage command on this process (the head of several nodes when ``head``)."""
+    pipe = Pipeline(cfg, head=head)
+    if a.command == "run":
+        pipe.run()
+        return 0
+    stage = COMMANDS[a.command]
+    if a.iteration < 0 or a.iteration >= pipe.cfg.run.iterations:
+        raise PipelineError(f"--iteration {a.iteration}: the config has run.iterations={pipe.cfg.run.iterations}")
+    pipe.prepare(echo=stage.output != EVAL, units=[stage], iteration=a.iteration)
+    try:
+        with process_group_scope():
+            if getattr(a, "model", None):
+                models = {}
+                for m in a.model:
+                    label, eq, path = m.partition("=")
+                    if not eq or not label or not path:
+                        raise _UserError(f"--model {m!r}: expected LABEL=PATH")
+                    models[label] = path
+                pipe.run_eval(a.iteration, force=a.force, models=models, out=pipe.out / "eval_custom")
+            else:
+                pipe.run_unit(a.iteration, stage.name, force=a.force)
+    finally:
+        pipe.stop_fleet("the stage command ended")    # a fleet this command launched (backend.launch)
+    return 0
 
 
 def _load(a):
@@ -134,27 +185,14 @@ def _forward(command: str, argv: list[str]) -> int:
 
 
 def _dispatch(a) -> int:
-    if a.command == "run":
-        Pipeline(_load(a)).run()
-        return 0
-    if a.command in COMMANDS:
-        stage = COMMANDS[a.command]
-        pipe = Pipeline(_load(a))
-        pipe.prepare(echo=stage.output != EVAL)
-        if a.iteration < 0 or a.iteration >= pipe.cfg.run.iterations:
-            raise PipelineError(f"--iteration {a.iteration}: the config has run.iterations={pipe.cfg.run.iterations}")
-        with process_group_scope():
-            if getattr(a, "model", None):
-                models = {}
-                for m in a.model:
-                    label, eq, path = m.partition("=")
-                    if not eq or not label or not path:
-                        raise _UserError(f"--model {m!r}: expected LABEL=PATH")
-                    models[label] = path
-                pipe.run_eval(a.iteration, force=a.force, models=models, out=pipe.out / "eval_custom")
-            else:
-                pipe.run_unit(a.iteration, stage.name, force=a.force)
-        return 0
+    if a.command == "run" or a.command in COMMANDS:
+        cfg, cluster = _load(a), cluster_from_args(a)
+        if not cluster.head:
+            return follow(cluster, cfg.run.out_dir)
+        if cluster.nnodes == 1:
+            return _graph(a, cfg, None)
+        with Head(cluster, cfg.run.out_dir) as head:
+            return _graph(a, cfg, head)
     if a.command == "export":
         cfg = _load(a)
         k = cfg.run.iterations - 1 if a.iteration is None else a.iteration

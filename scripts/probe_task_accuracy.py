@@ -19,11 +19,13 @@ import argparse
 import random
 import sys
 import time
+from pathlib import Path
 
 from dapo_mcore.data.problems import Problem, PromptTemplate
 from dapo_mcore.eval.stats import wilson_interval
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.tasks.chain import make_problems
+from dapo_mcore.tasks.digit_sums import SumsSetup, split_problems
 from dapo_mcore.verify.math import MathVerifier
 
 INSTRUCTION = "\nSolve it step by step, one step per line, and end with: The answer is <number>."
@@ -38,6 +40,20 @@ def chain_in_words(n: int, seed: int) -> list[tuple[Problem, object]]:
         q = f"Compute {p.start} " + " ".join(f"{'+' if o >= 0 else '-'} {abs(o)}" for o in p.ops) + "."
         out.append((Problem(p.id, q, p.answer), None))
     return out
+
+
+def sums_problems(n: int, seed: int) -> list[tuple[Problem, object]]:
+    """The real-model example's task: training problems as ``digit_sums prepare`` draws them."""
+    train, _ = split_problems(SumsSetup(seed=seed, train_problems=n, eval_problems=0))
+    return [(Problem(p.id, p.prompt, p.answer), None) for p in train]
+
+
+def example_template() -> PromptTemplate:
+    """The few-shot ChatML prompt of examples/smollm2/smollm2.yaml (``generate.prompt_template``)."""
+    import yaml
+
+    cfg = Path(__file__).resolve().parents[1] / "examples" / "smollm2" / "smollm2.yaml"
+    return PromptTemplate(yaml.safe_load(cfg.read_text())["generate"]["prompt_template"])
 
 
 def rg_problems(name: str, n: int, seed: int) -> list[tuple[Problem, object]]:
@@ -59,7 +75,7 @@ def score(task: str, text: str, problem: Problem, extra, verifier: MathVerifier)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF checkpoint (default: the imported smollm2-135m-instruct)")
-    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="rg:<reasoning-gym name> or chain")
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="rg:<reasoning-gym name>, chain or sums")
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=160)
@@ -83,8 +99,12 @@ def main(argv=None) -> int:
     verifier = MathVerifier()
     results = []
     for task in a.tasks:
-        probs = chain_in_words(a.problems, a.seed) if task == "chain" else rg_problems(task[3:], a.problems, a.seed)
-        reqs = [GenRequest(tmpl.render_ids(Problem(p.id, p.prompt + INSTRUCTION, p.answer), tok),
+        if task == "sums":
+            probs, t_tmpl, instruction = sums_problems(a.problems, a.seed), example_template(), ""
+        else:
+            probs = chain_in_words(a.problems, a.seed) if task == "chain" else rg_problems(task[3:], a.problems, a.seed)
+            t_tmpl, instruction = tmpl, INSTRUCTION
+        reqs = [GenRequest(t_tmpl.render_ids(Problem(p.id, p.prompt + instruction, p.answer), tok),
                            SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, n=a.samples,
                                           sampling_seed=a.seed * 1000 + i), rid=p.id)
                 for i, (p, _) in enumerate(probs)]

@@ -7,7 +7,9 @@ Run as ``sglang_fake_server.py -m sglang.launch_server --model-path M --host H -
 ``meta_info.weight_version`` is the current one. ``/update_weights_from_disk`` and
 ``/update_weight_version`` change the model/version; ``/get_server_info`` counts flushes and
 generate calls. It starts one child process (``sleep``) so group stops can be checked.
-Environment: ``FAKE_SGLANG_EXIT=CODE`` prints a line and exits at once; ``FAKE_SGLANG_DELAY=S`` waits
+Environment: ``FAKE_SGLANG_ENGINE=1`` answers ``/generate`` with the embedded engine on the current model
+(real samples from a real checkpoint, reloaded at each weight update; the pipeline tests run stages on it);
+``FAKE_SGLANG_EXIT=CODE`` prints a line and exits at once; ``FAKE_SGLANG_DELAY=S`` waits
 S seconds before listening (a slow start); ``FAKE_SGLANG_FAIL_FIRST=K`` answers the first K
 ``/generate`` with HTTP 503.
 """
@@ -23,6 +25,25 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 STATE = {"model_path": "", "weight_version": "default", "flushes": 0, "generates": 0, "launch_model": ""}
+ENGINE: dict = {}      # FAKE_SGLANG_ENGINE=1: {"engine": EmbeddedEngine of STATE["model_path"], "lock": Lock}
+
+
+def _load_engine() -> None:
+    from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
+
+    ENGINE["engine"] = EmbeddedEngine(EngineConfig(STATE["model_path"]))
+
+
+def _engine_generate(body: dict) -> list[dict]:
+    from dapo_mcore.rollout.backend import GenRequest, SamplingParams
+
+    req = GenRequest(body["input_ids"], SamplingParams.from_sglang(body.get("sampling_params") or {}),
+                     return_logprob=bool(body.get("return_logprob")), top_logprobs_num=body.get("top_logprobs_num", 0))
+    with ENGINE["lock"]:
+        out = ENGINE["engine"].generate([req])[0]
+    for x in out:
+        x["meta_info"]["weight_version"] = STATE["weight_version"]
+    return out
 
 
 def _model_hash() -> int:
@@ -67,6 +88,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, "Cache flushed.")
         if path == "/update_weights_from_disk":
             STATE["model_path"] = body["model_path"]
+            if ENGINE:
+                with ENGINE["lock"]:
+                    _load_engine()
             if body.get("weight_version") is not None:
                 STATE["weight_version"] = body["weight_version"]
             return self._send(200, {"success": True, "message": "ok", "num_paused_requests": 0})
@@ -78,6 +102,9 @@ class Handler(BaseHTTPRequestHandler):
             if STATE["generates"] <= int(os.environ.get("FAKE_SGLANG_FAIL_FIRST", "0")):
                 return self._send(503, {"error": {"message": "overloaded (FAKE_SGLANG_FAIL_FIRST)"}})
             ids, sp = body["input_ids"], body.get("sampling_params") or {}
+            if ENGINE:
+                out = _engine_generate(body)
+                return self._send(200, out if len(out) > 1 else out[0])
             out = [{"text": f"s{i}", "output_ids": [len(ids), i, _model_hash()],
                     "meta_info": {"prompt_tokens": len(ids), "completion_tokens": 3, "cached_tokens": len(ids) - 1,
                                   "weight_version": STATE["weight_version"],
@@ -103,6 +130,14 @@ def main() -> None:
         sys.exit(int(os.environ["FAKE_SGLANG_EXIT"]))
     time.sleep(float(os.environ.get("FAKE_SGLANG_DELAY", "0")))
     STATE.update(model_path=a.model_path, launch_model=a.model_path, weight_version=a.weight_version)
+    if os.environ.get("FAKE_SGLANG_ENGINE") == "1":
+        import threading
+
+        import torch
+
+        torch.set_num_threads(1)
+        ENGINE["lock"] = threading.Lock()
+        _load_engine()
     child = subprocess.Popen(["sleep", "3600"])  # a child in the same process group
     print(f"child pid {child.pid}", flush=True)
     httpd = ThreadingHTTPServer((a.host, a.port), Handler)

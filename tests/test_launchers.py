@@ -71,30 +71,42 @@ def test_torchrun_layout_errors(args, msg):
 
 
 def test_sbatch_dry_run_prints_srun_and_every_node():
-    r = run(SBATCH, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--tp", "8", "--pp", "2",
-            "--", "dapo-mcore", "train-actor", "a.yaml", MASTER_ADDR="n0", MASTER_PORT="6001")
+    """Every node runs the same dapo-mcore command with the allocation's rendezvous appended (its rank is
+    $SLURM_NODEID); node 0 runs the stage graph."""
+    r = run(SBATCH, "--nodes", "2", "--dry-run", "--", "dapo-mcore", "run", "a b.yaml", "critic.lr=1e-6",
+            MASTER_ADDR="n0", MASTER_PORT="6001")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert shlex.split(lines[0]) == [
-        "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash", str(LAUNCH), "--nnodes", "2",
-        "--master-addr", "n0", "--master-port", "6001", "--nproc-per-node", "8", "--tp", "8", "--pp", "2", "--",
-        "dapo-mcore", "train-actor", "a.yaml"]
+    full = ["dapo-mcore", "run", "a b.yaml", "critic.lr=1e-6", "--nnodes", "2", "--master-addr", "n0",
+            "--master-port", "6001"]
+    assert shlex.split(lines[0]) == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", *full]
     for r_ in (0, 1):
-        i = lines.index(f"# node {r_} runs:")
-        assert shlex.split(lines[i + 1]) == [
-            "python3", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r_), "--master-addr", "n0",
-            "--master-port", "6001", "--nproc-per-node", "8", "--no-python", "dapo-mcore", "train-actor", "a.yaml",
-            "--tp", "8", "--pp", "2"]
-    bad = run(SBATCH, "--nodes", "1", "--gpus-per-node", "8", "--dry-run", "--tp", "16", "--", "x.py")
-    assert bad.returncode == 2 and "does not divide the world size 8" in bad.stderr
+        i = lines.index(f"# node {r_} runs (SLURM_NODEID={r_}):")
+        assert shlex.split(lines[i + 1]) == full
 
 
-def test_sbatch_reads_the_allocation():
-    r = run(SBATCH, "--dry-run", "--", "x.py", SLURM_NNODES="3", SLURM_GPUS_ON_NODE="4", SLURM_JOB_ID="123456",
-            MASTER_ADDR="h1")
+@pytest.mark.parametrize("args,msg", [
+    (["--dry-run"], "no command"),
+    (["--nodes", "x", "--dry-run", "--", "dapo-mcore", "run", "c.yaml"], "--nodes must be a positive integer"),
+    (["--dry-run", "--", "dapo-mcore", "run", "c.yaml", "--node-rank", "1"], "--node-rank is set by this script"),
+    (["--tp", "8", "--dry-run", "--", "dapo-mcore", "run", "c.yaml"], "unknown option --tp"),
+])
+def test_sbatch_errors(args, msg):
+    r = run(SBATCH, *args)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_sbatch_reads_the_allocation_and_the_cli_takes_its_rank():
+    r = run(SBATCH, "--dry-run", "--", "dapo-mcore", "train-actor", "c.yaml", SLURM_NNODES="3",
+            SLURM_JOB_ID="123456", MASTER_ADDR="h1")
     assert r.returncode == 0, r.stderr
-    assert "--nnodes 3 --master-addr h1 --master-port 23456 --nproc-per-node 4" in r.stdout
-    assert r.stdout.count("runs:") == 3
+    assert "--nnodes 3 --master-addr h1 --master-port 23456" in r.stdout
+    assert r.stdout.count("runs (SLURM_NODEID=") == 3
+    from dapo_mcore.cli import build_parser, cluster_from_args
+    from dapo_mcore.run.launch import Cluster
+
+    a = build_parser().parse_args(shlex.split(r.stdout.splitlines()[-1])[1:])
+    assert cluster_from_args(a, {"SLURM_NODEID": "2"}) == Cluster(3, 2, "h1", 23456)
 
 
 def _free_port() -> int:

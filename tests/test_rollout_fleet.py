@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
+from dapo_mcore.rollout import fleet as fleet_mod
 from dapo_mcore.rollout.common import BackendConfig, make_backend
 from dapo_mcore.rollout.fleet import (CPU_SERVER_ARGS, Fleet, FleetBackend, FleetError, ManagedProcess, ModelMismatch,
                                       ServedModelChanged, _group_members, checkpoint_version, free_ports,
@@ -337,3 +339,25 @@ def test_torchvision_standin_is_inert():
         assert T()(1, 2) is not None
     finally:
         sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "torchvision_standin_under_test"]
+
+
+def test_a_port_taken_before_the_server_binds_is_replaced(fake_python, models, tmp_path, monkeypatch):
+    """port: 0 picks free ports, but another program can take one before the server binds it: the server
+    logs ``[Errno 98]``; the fleet restarts it on a new free port (the fleet's URL follows)."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken, real, calls = blocker.getsockname()[1], fleet_mod.free_ports, []
+
+    def first_one_taken(host, n):
+        calls.append(n)
+        return [taken] if len(calls) == 1 else real(host, n)
+
+    monkeypatch.setattr(fleet_mod, "free_ports", first_one_taken)
+    try:
+        with Fleet(_cfg(fake_python, tmp_path)).start(models[0]) as fleet:
+            (s,) = fleet.servers
+            assert s.starts == 2 and fleet.url == s.url and not s.url.endswith(f":{taken}")
+            assert httpx.get(f"{fleet.url}/health").status_code == 200 and "[Errno 98]" not in s.log_tail()
+    finally:
+        blocker.close()

@@ -8,9 +8,16 @@ N samples from one server, both servers used; greedy records equal the embedded 
 mismatch refused, a weight swap A -> B -> A (greedy outputs against the embedded engine's), and a
 server SIGKILLed mid-stage (the fleet restarts it and the stage finishes; without recovery the stage
 stops and a re-run resumes). Which server served what is read from the servers' own request logs
-(``--log-requests`` as JSON)."""
+(``--log-requests`` as JSON).
+
+Then the pipeline's own fleet (its servers launched and stopped by ``dapo-mcore run``, not the module's):
+the two-iteration smoke run of ``scripts/smoke_sglang_iterations.py`` (launch: true, swap_weights: true;
+eval of three checkpoints swapped in one after another; iteration 1's stamps name iteration 0's actor; the
+server's greedy outputs after the swap equal the embedded actor's), then a re-run of ``dapo-mcore run``
+that skips every unit and starts no server."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -27,8 +34,11 @@ from dapo_mcore.data.shards import iter_records, load_manifest
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.common import BackendConfig, make_backend
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
+from dapo_mcore.cli import main as cli_main
+from dapo_mcore.rollout import fleet as fleet_mod
 from dapo_mcore.rollout.fleet import (Fleet, ModelMismatch, _group_members, checkpoint_version, open_backend,
                                       resolve_python, resolve_router)
+from dapo_mcore.run.layout import read_stamp
 from dapo_mcore.generate.stage import GenerateConfig, run_generate
 from dapo_mcore.mc.stage import MCConfig, run_mc
 from dapo_mcore.rollout.sglang_client import SGLangError
@@ -155,6 +165,54 @@ def fleet(toy_a, tmp_path_factory):
 
 def _attach(fleet: Fleet, **kw) -> BackendConfig:
     return _cfg(url=fleet.url, **kw)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _smoke_script():
+    spec = importlib.util.spec_from_file_location("smoke_sglang_iterations",
+                                                  ROOT / "scripts" / "smoke_sglang_iterations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_iterations_on_the_pipelines_fleet(tmp_path, capsys):
+    """`dapo-mcore run` for two iterations with generate, mc and eval on SGLang servers the pipeline launches:
+    three launches (iteration 0's generate, each iteration's eval; stopped before every Megatron unit), eval
+    compares three checkpoints (swapped in), iteration 1 samples from iteration 0's actor (swapped in from
+    eval's last checkpoint), whose greedy outputs the server then reproduces; no server process outlives the
+    run, and a re-run skips every unit without starting a server. First in the module: the module's fleet
+    is not started yet, so its idle servers do not share the CPU with this run."""
+    smoke = _smoke_script()
+    config = ROOT / "examples" / "configs" / "smoke.yaml"
+    out = tmp_path / "run"
+    r = smoke.run(out, config, [])
+    print(f"swap agreement {r['swap_agreement']:.4f}, reference agreement {r['reference_agreement']:.4f} "
+          f"on {r['states']} states")
+    assert r["served_is_actor0"], r["stamps"]
+    assert r["swap_agreement"] >= 0.95 and r["states"] >= 10
+    assert len(r["launches"]) == 3, r["launches"]
+    for k in (0, 1):
+        it = out / f"iter_{k}"
+        models = {"reference": r["actor0"] if k else str(out / "toy" / "policy"), "dapo": str(it / "actor" / "hf"),
+                  "outcome-only": str(it / "actor-outcome" / "hf")}
+        assert json.loads((it / "eval" / "comparison.json").read_text())["models"] == list(models)
+        for label, model in models.items():
+            st = read_stamp(it / "eval" / label)
+            assert st["finished"] and st["served_model"] == {"model_path": model,
+                                                             "weight_version": checkpoint_version(model)}
+    assert not fleet_mod._LIVE
+    logs = sorted((out / "sglang").glob("server-*.log"))
+    assert logs and "update_weights_from_disk" in "".join(p.read_text(errors="replace") for p in logs)
+    capsys.readouterr()
+    overrides = [f"run.out_dir={out}", *smoke.OVERRIDES,
+                 *[f"{s}.backend.{kv}" for s in smoke.ROLLOUT_SECTIONS for kv in smoke.FLEET]]
+    assert cli_main(["run", str(config), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "sglang: launching" not in printed
+    assert {v["status"] for v in json.loads((out / "timings.json").read_text()).values()} == {"skipped"}
 
 
 def test_client_generate_n_samples_seeds_cached_tokens(fleet, toy_a, engine_a):
@@ -318,3 +376,4 @@ def test_server_killed_mid_stage(fleet, toy_a, gen_dir, mc_embedded_greedy, tmp_
     m = load_manifest(tmp_path / "mc2")
     assert m["complete"] and all(m["shards"][k]["sha256"] == h for k, h in kept.items())
     assert list(iter_records(tmp_path / "mc2")) == mc_embedded_greedy
+

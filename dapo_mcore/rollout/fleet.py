@@ -58,6 +58,8 @@ CPU_SERVER_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--
                    "--max-total-tokens", "8192", "--dtype", "float32")
 CPU_SERVER_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
 LOG_TAIL_CHARS = 4000
+BIND_ERROR = "[Errno 98]"      # what a server logs when its port is taken ("address already in use")
+REBIND_TRIES = 3
 
 
 class FleetError(RuntimeError):
@@ -223,6 +225,7 @@ class ManagedProcess:
         self.name, self.argv, self.env, self.log_path, self.url = name, argv, env, Path(log_path), url
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.log_start = 0
 
     @property
     def pgid(self) -> int:
@@ -235,6 +238,7 @@ class ManagedProcess:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONHOME"}
         env.update(self.env)
         with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()           # log_tail() reads this start's lines only
             log.write(f"\n[dapo-mcore fleet] start {self.starts}: {' '.join(self.argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -266,10 +270,11 @@ class ManagedProcess:
                              f"processes {_group_members(self.proc.pid)}")
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        """The last ``chars`` characters the latest start logged."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - chars))
+                f.seek(max(self.log_start, f.tell() - chars))
                 return f.read().decode(errors="replace")
         except OSError as e:
             return f"(no log: {e})"
@@ -296,6 +301,12 @@ def _stop_live_fleets() -> None:
 
 def _log(msg: str) -> None:
     print(f"[sglang fleet] {msg}", file=sys.stderr, flush=True)
+
+
+# the BackendConfig fields that make a fleet (the others are client settings of one stage): two stages whose
+# backends agree on these can share one fleet (Fleet.serves_config)
+FLEET_FIELDS = ("launch", "servers", "tp", "dp", "host", "port", "device", "mem_fraction_static", "server_args",
+                "python", "router_path", "stop_grace_s", "log_dir")
 
 
 class Fleet:
@@ -335,6 +346,12 @@ class Fleet:
     @property
     def launched(self) -> bool:
         return bool(self.servers)
+
+    def serves_config(self, cfg: BackendConfig) -> bool:
+        """Whether a stage with backend ``cfg`` can use this fleet: same :data:`FLEET_FIELDS` (and, for an
+        external fleet, the same ``url``)."""
+        same = cfg.kind == "sglang" and all(getattr(cfg, f) == getattr(self.cfg, f) for f in FLEET_FIELDS)
+        return same and (cfg.launch or cfg.url.rstrip("/") == self.cfg.url.rstrip("/"))
 
     def worker_urls(self) -> list[str]:
         """Every server behind :attr:`url` (a router's workers, from its ``GET /workers``)."""
@@ -398,7 +415,7 @@ class Fleet:
             for s in self.servers:
                 s.start()
             _log(f"starting {cfg.servers} server(s) for {model_path} on {device}; logs in {self.log_dir}")
-            self._wait_servers(deadline)
+            self._wait_servers(deadline, rebind=True)
             if with_router:
                 self.router = ManagedProcess(
                     "sglang-router", router_command(cfg, router, front, [s.url for s in self.servers],
@@ -453,10 +470,30 @@ class Fleet:
         except httpx.HTTPError:
             return False
 
-    def _wait_servers(self, deadline: float) -> None:
+    def _port_taken(self, i: int, s: ManagedProcess) -> bool:
+        """With ``port: 0`` a port picked free may be taken before the server binds it (another program, or
+        SGLang's own side ports): the server logs ``[Errno 98]`` and lingers. Restart it on a new free port
+        (at most :data:`REBIND_TRIES` times) and return True."""
+        if self.cfg.port != 0 or s.starts > REBIND_TRIES or BIND_ERROR not in s.log_tail():
+            return False
+        port = free_ports(self.cfg.host, 1)[0]
+        _log(f"{s.name}: {s.url} was taken before it could bind; restarting it on port {port}")
+        s.stop(self.cfg.stop_grace_s)
+        s.argv, s.env = self._server_argv(i, port)
+        s.url = f"http://{self.cfg.host}:{port}"
+        if len(self.servers) == 1:         # no router: the server is the fleet's address
+            self._url = s.url
+        s.start()
+        return True
+
+    def _wait_servers(self, deadline: float, rebind: bool = False) -> None:
+        """Wait until every server answers ``/health``; ``rebind`` (at start, before the router and any
+        client know the URLs): a server whose port was taken is restarted on another."""
         pending = list(self.servers)
         while pending:
             for s in list(pending):
+                if rebind and self._port_taken(self.servers.index(s), s):
+                    continue
                 if not s.alive():
                     raise FleetError(f"{s.name} exited before it was healthy: {s.describe()}")
                 if self._healthy(s.url):
@@ -725,6 +762,6 @@ def serving(cfg: BackendConfig, model_path: str | os.PathLike, fleet: Fleet | No
         backend.close()
 
 
-__all__ = ["CPU_SERVER_ARGS", "Fleet", "FleetBackend", "FleetError", "ModelMismatch", "ServedModel",
+__all__ = ["CPU_SERVER_ARGS", "FLEET_FIELDS", "Fleet", "FleetBackend", "FleetError", "ModelMismatch", "ServedModel",
            "ServedModelChanged", "SGLangError", "checkpoint_version", "open_backend", "router_command",
            "same_model", "server_command", "serving"]

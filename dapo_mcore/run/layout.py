@@ -4,6 +4,7 @@
     <out>/toy/                                  (toy section only)
     <out>/iter_<k>/<unit>/stage.json            one directory per unit of the stage table
     <out>/iter_<k>/<unit>.job.json              the job of a unit launched under torchrun
+    <out>/sglang/                               logs of the SGLang servers the run launched (backend.launch)
 
 and :class:`PipelineError`, what the run modules raise when a stage cannot run.
 """
@@ -25,8 +26,8 @@ class RunLayout:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        self.config, self.timings, self.report, self.toy = (self.out / name for name in (
-            "config.yaml", "timings.json", "report.md", "toy"))
+        self.config, self.timings, self.report, self.toy, self.fleet_logs = (self.out / name for name in (
+            "config.yaml", "timings.json", "report.md", "toy", "sglang"))
 
     def iteration(self, k: int) -> Path:
         return self.out / f"iter_{k}"

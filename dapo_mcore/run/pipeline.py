@@ -13,6 +13,18 @@ Every unit is stamped (:mod:`dapo_mcore.run.stamps`). On re-run a unit is
 
 Iteration k+1 uses iteration k's actor ``hf/`` as reference, generator and completer. Distributed units run
 in this process when they need one process, else as a torchrun job (:mod:`dapo_mcore.run.launch`).
+
+The SGLang fleet: a ``rollout`` unit (the stage table's field: generate, mc, rft-generate, eval) whose
+``backend.kind`` is ``sglang`` samples from a fleet the pipeline holds across units
+(:mod:`dapo_mcore.rollout.fleet`). ``backend.launch: true``: the pipeline starts the servers for the unit's model
+(logs in ``<out>/sglang/``) and stops them, waiting until their processes are gone, before any distributed
+unit runs (the GPUs are shared: never both at once) and at the end of the run; a later rollout unit whose
+model differs (iteration k+1's generator is iteration k's actor; eval's checkpoints) gets it swapped in
+(``swap_weights: true``: ``/update_weights_from_disk`` + ``/flush_cache``) or the fleet relaunched. ``launch:
+false``: the external fleet at ``url`` must serve the unit's model, else it is swapped (``swap_weights``) or the
+unit stops before any request with an error naming both models. Each such unit's ``stage.json`` records
+``served_model`` (``model_path``, ``weight_version``); a unit whose servers changed model mid-stage is not
+marked finished.
 """
 from __future__ import annotations
 
@@ -29,10 +41,13 @@ from dapo_mcore.data.shards import atomic_write_json, file_sha256
 from dapo_mcore.eval.evaluate import load_results
 from dapo_mcore.eval.table import comparison_markdown, write_comparison
 from dapo_mcore.parallel.runtime import process_group_scope
+from dapo_mcore.rollout.backend_config import BackendConfig
+from dapo_mcore.rollout.fleet import Fleet, FleetError, SGLangError, same_model, serving
 from dapo_mcore.run import stamps
 from dapo_mcore.run.checks import check_outputs
-from dapo_mcore.run.launch import inside_torchrun, is_writer, launch
+from dapo_mcore.run.launch import Head, inside_torchrun, is_writer, launch
 from dapo_mcore.run.layout import STAMP, PipelineError, RunLayout, finished, read_stamp
+from dapo_mcore.run.preflight import preflight
 from dapo_mcore.run.report import write_report
 from dapo_mcore.run.schema import RunConfig, dump_config
 from dapo_mcore.run.stages import EVAL, NEXT_REFERENCE, STAGE, STAGES, Stage
@@ -72,8 +87,9 @@ class Pipeline:
     """One run directory. ``prepare()`` resolves inputs (building the toy task when configured) and saves the
     resolved config; ``run()`` runs every configured unit of every iteration."""
 
-    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print, head: Optional[Head] = None):
         self.cfg = cfg
+        self.head = head         # the multi-node session when this is node 0 of several (run/launch.py)
         self.layout = RunLayout(Path(cfg.run.out_dir))
         self.out = self.layout.out
         self.log = log
@@ -83,10 +99,12 @@ class Pipeline:
         self.train_set = cfg.data.train
         self.eval_sets = dict(cfg.data.eval)
         self._prepared = False
+        self.fleet: Optional[Fleet] = None     # the SGLang fleet of the rollout units (module doc)
 
     # -- set-up --------------------------------------------------------------------------------
-    def prepare(self, echo: bool = True) -> None:
-        """Create the run directory, build the toy task if configured, print and save the config."""
+    def prepare(self, echo: bool = True, units: Optional[list[Stage]] = None, iteration: Optional[int] = None) -> None:
+        """Create the run directory, build the toy task if configured, print and save the config, and check
+        everything before compute (run/preflight.py): the whole run, or ``units`` of ``iteration``."""
         if self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
             text = dump_config(self.cfg)
@@ -95,11 +113,10 @@ class Pipeline:
                 self.log(f"resolved config (saved to {self.layout.config}):\n{text}")
         if self.cfg.toy is not None:
             self._build_toy()
-        for name, path in [("data.train", self.train_set)] + [(f"data.eval.{k}", v) for k, v in self.eval_sets.items()]:
-            if path and not Path(path).is_file():
-                raise PipelineError(f"{name}: {path}: no such problem-set file")
-        if not Path(self.policy0).is_dir():
-            raise PipelineError(f"model.policy: {self.policy0}: no such checkpoint directory")
+        preflight(self.cfg, self.units() if units is None else units, policy=self.policy0, train_set=self.train_set,
+                  eval_sets=self.eval_sets, cluster=self.head.cluster if self.head else None,
+                  served=None if iteration is None else self.policy(iteration),
+                  iterations=self.cfg.run.iterations if iteration is None else 1)
         self._prepared = True
 
     def _build_toy(self) -> None:
@@ -133,16 +150,6 @@ class Pipeline:
         r = self.cfg.run
         controls = r.controls if k == 0 or not r.controls_first_only else []
         return [s for s in STAGES if (s.control is None and s.name in r.stages) or s.control in controls]
-
-    def nproc(self, cfg: Any) -> int:
-        par = getattr(cfg, "parallel", None)
-        mp = 1
-        if par is not None:
-            mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
-        n = max(self.cfg.run.nproc, mp)
-        if n % mp:
-            raise PipelineError(f"run.nproc={self.cfg.run.nproc} is not a multiple of the model-parallel size {mp}")
-        return n
 
     def plan(self, k: int, stage: Stage) -> tuple[Any, list[str], dict]:
         """``(filled config, positional input dirs + out dir, input identity)`` of a unit in iteration ``k``."""
@@ -190,8 +197,12 @@ class Pipeline:
         self.log(f"[iter {k}] {name}: running -> {path}")
         t0 = time.perf_counter()
         try:
-            res = launch(stage, cfg, args, self.layout.job(path), 1 if inside_torchrun() else self.nproc(cfg),
-                         self.log)
+            if self._on_fleet(stage, cfg):
+                res = self._run_on_fleet(stage, k, cfg, cfg.model_path, args, path)
+            else:
+                if stage.distributed:
+                    self.stop_fleet(f"before {name} (distributed)")
+                res = launch(stage, cfg, args, self.layout.job(path), self.cfg.run.nproc, self.log, self.head)
         except ValueError as e:   # the stages raise ValueError for bad settings / unusable data
             raise PipelineError(f"stage {name} (iteration {k}) failed: {e}") from None
         if isinstance(res, dict) and res.get("partial"):
@@ -222,9 +233,6 @@ class Pipeline:
                                    **{name: fill.value(p) for name, fill in stage.fills.items()})
         models = models or self.eval_models(k)
         out = out or self.layout.unit(k, stage.name)
-        if ecfg.backend.kind == "sglang" and len(models) > 1:
-            raise PipelineError("eval.backend.kind=sglang serves one model per server; the pipeline compares "
-                                f"{len(models)} checkpoints: use the embedded backend or `dapo-mcore eval --model`")
         sets_id = {n: file_sha256(path) for n, path in self.eval_sets.items()}
         results, total, ran = {}, 0.0, False
         for label, path in models.items():
@@ -238,7 +246,11 @@ class Pipeline:
             else:
                 self.log(f"[iter {k}] eval {label}: {path}")
                 t0 = time.perf_counter()
-                stage.run(ecfg, path, self.eval_sets, sub)
+                args = [path, self.eval_sets, str(sub)]
+                if self._on_fleet(stage, ecfg):   # one model after another on the fleet: swapped or relaunched
+                    self._run_on_fleet(stage, k, ecfg, path, args, sub, f"eval {label}")
+                else:
+                    stage.run(ecfg, *args)
                 check_outputs(EVAL, sub)
                 sec = time.perf_counter() - t0
                 stamps.finish(sub, sec)
@@ -248,6 +260,57 @@ class Pipeline:
         self.log(comparison_markdown(json.loads((out / "comparison.json").read_text())))
         return self._record(StageResult(k, stage.name, "ran" if ran else "skipped", total))
 
+    # -- the SGLang fleet ------------------------------------------------------------------------
+    def _on_fleet(self, stage: Stage, cfg: Any) -> bool:
+        """Whether the unit samples from the pipeline's SGLang fleet (a rollout unit with ``kind: sglang``)."""
+        return stage.rollout and cfg.backend.kind == "sglang" and not inside_torchrun()
+
+    def serve(self, bcfg: BackendConfig, model: str, why: str) -> Fleet:
+        """The fleet a unit with backend ``bcfg`` samples ``model`` from: the one held if it fits (same fleet
+        settings; launched: it serves ``model`` already, or ``swap_weights`` will swap it in), else a new one
+        (launched for ``model``, or the external one at ``url``)."""
+        f = self.fleet
+        if f is not None and not f.serves_config(bcfg):
+            self.stop_fleet(f"{why} uses other fleet settings")
+        elif f is not None and f.launched and not bcfg.swap_weights and not same_model(f.model_path, model):
+            self.stop_fleet(f"{why} needs {model} (it serves {f.model_path}; swap_weights is off: relaunching)")
+        if self.fleet is None:
+            f = Fleet(bcfg, log_dir=bcfg.log_dir or self.layout.fleet_logs)
+            if bcfg.launch:
+                self.log(f"  sglang: launching {bcfg.servers} server(s) for {model} ({why}); logs in {f.log_dir}")
+                f.start(model)
+            self.fleet = f
+        elif self.fleet.launched and not same_model(self.fleet.model_path, model):
+            self.log(f"  sglang: swapping the fleet's weights {self.fleet.model_path} -> {model} ({why})")
+        return self.fleet
+
+    def stop_fleet(self, why: str = "") -> None:
+        """Stop the fleet the pipeline launched (returns once its processes are gone); forget an external one."""
+        f, self.fleet = self.fleet, None
+        if f is not None:
+            if f.launched:
+                self.log(f"  sglang: stopping the fleet" + (f" ({why})" if why else ""))
+            f.close()
+
+    def _run_on_fleet(self, stage: Stage, k: int, cfg: Any, model: str, args: list, path: Path,
+                      what: str = "") -> Any:
+        """Run a rollout unit on the fleet serving ``model``; its stamp records ``served_model``."""
+        what = what or stage.name
+        where = f"stage {what} (iteration {k})"
+        try:
+            fleet = self.serve(cfg.backend, model, f"{what}, iteration {k}")
+            with serving(cfg.backend, model, fleet=fleet) as backend:
+                served = backend.served_model.as_dict()
+                self.log(f"  sglang: {what} samples from {served['model_path']} (weight_version "
+                         f"{served['weight_version']}) at {fleet.url}")
+                if self.writer:
+                    stamps.record(path, served_model=served)
+                return stage.run(cfg, *args, backend=backend)
+        except FleetError as e:      # ModelMismatch included: raised before any request
+            raise PipelineError(f"{where}: {e}") from None
+        except SGLangError as e:     # ServedModelChanged included: the unit is not marked finished
+            raise PipelineError(f"{where} failed on SGLang (not marked finished; a re-run resumes it): {e}") from None
+
     def _record(self, r: StageResult) -> StageResult:
         self.results.append(r)
         if self.writer:
@@ -256,21 +319,28 @@ class Pipeline:
             atomic_write_json(self.layout.timings, old)
         return r
 
-    def run(self, iterations: Optional[int] = None, report: bool = True) -> list[StageResult]:
-        """Run every unit of every iteration (skipping finished ones), then write the report."""
+    def run(self, iterations: Optional[int] = None, report: bool = True,
+            after_unit: Optional[Callable[[int, str], None]] = None) -> list[StageResult]:
+        """Run every unit of every iteration (skipping finished ones), then stop the SGLang fleet and write the
+        report. ``after_unit(k, name)`` is called after each unit (the fleet, :attr:`fleet`, still up)."""
         if inside_torchrun():
             raise PipelineError("`dapo-mcore run` launches its own torchrun jobs: start it in one process (a torchrun "
                                 "job runs one distributed stage: `dapo-mcore train-critic CONFIG`, ...)")
         if not self._prepared:
             self.prepare()
         n_iter = iterations or self.cfg.run.iterations
-        with process_group_scope():      # the group an in-process distributed stage leaves behind
-            for k in range(n_iter):
-                for stage in self.units(k):
-                    self.run_unit(k, stage.name)
-                if k + 1 < n_iter and not finished(self.layout.unit(k, NEXT_REFERENCE)):
-                    raise PipelineError(f"iteration {k + 1} needs iteration {k}'s {NEXT_REFERENCE}, which was not "
-                                        "trained")
+        try:
+            with process_group_scope():      # the group an in-process distributed stage leaves behind
+                for k in range(n_iter):
+                    for stage in self.units(k):
+                        self.run_unit(k, stage.name)
+                        if after_unit is not None:
+                            after_unit(k, stage.name)
+                    if k + 1 < n_iter and not finished(self.layout.unit(k, NEXT_REFERENCE)):
+                        raise PipelineError(f"iteration {k + 1} needs iteration {k}'s {NEXT_REFERENCE}, which was "
+                                            "not trained")
+        finally:
+            self.stop_fleet("the run ended")
         if report:
             self.log(f"report: {write_report(self.out)}")
         return self.results

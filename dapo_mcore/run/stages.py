@@ -5,7 +5,8 @@ A unit is one directory ``<out>/iter_<k>/<name>``. The six stages of the algorit
 are chosen with ``run.stages``; the controls (``run.controls``) reuse a stage's function and config
 section with other inputs. A unit's function is called as ``run(cfg, *input_dirs, out_dir)`` with
 ``cfg`` its config section after the pipeline set the fields named in ``fills``; ``inputs`` are upstream
-units whose output directories it reads. To add a stage: a package of its own with its config
+units whose output directories it reads. A ``rollout`` unit's function also takes ``backend=`` (the generation
+backend to sample from instead of making its own: the pipeline passes its SGLang fleet's). To add a stage: a package of its own with its config
 dataclass and run function, and a row here (``docs/architecture.md``).
 """
 from __future__ import annotations
@@ -59,6 +60,9 @@ class Stage:
     inputs: tuple[str, ...] = ()               # upstream units whose directories are passed to run, in order
     fills: Mapping[str, Fill] = field(default_factory=dict)
     distributed: bool = False                  # a torchrun job when it needs more than one process
+    rollout: bool = False                      # samples from its section's ``backend`` (the model: ``model_path``;
+                                               # eval: each compared checkpoint); ``kind: sglang``: the pipeline
+                                               # serves it from its fleet and stops that before distributed units
     command: Optional[str] = None              # `dapo-mcore COMMAND CONFIG`; None: a control, run by `run` only
     control: Optional[str] = None              # the run.controls value that adds this unit
     label: Optional[str] = None                # its hf/ is compared in eval under this label
@@ -88,11 +92,11 @@ def _outcome_beta(p) -> float:
 STAGES: tuple[Stage, ...] = (
     Stage("generate", "generate", GenerateConfig, run_generate, SHARDS, command="generate",
           help="stage 1: sample K solutions per training problem, verify, keep M balanced",
-          fills={"problems": TRAIN_SET, "model_path": REF, "seed": SEED}, note=throughput_note),
+          fills={"problems": TRAIN_SET, "model_path": REF, "seed": SEED}, rollout=True, note=throughput_note),
     Stage("mc", "mc", MCConfig, run_mc, SHARDS, inputs=("generate",), command="mc",
           help="stage 2: N completions per step-prefix state -> MC values and candidate actions",
           fills={"model_path": REF, "seed": SEED, "verifier": same_as("generate.verifier"),
-                 "verify_timeout_s": same_as("generate.verify_timeout_s")}, note=throughput_note),
+                 "verify_timeout_s": same_as("generate.verify_timeout_s")}, rollout=True, note=throughput_note),
     Stage("critic", "critic", CriticConfig, run_train_critic, CHECKPOINT, inputs=("mc",), distributed=True,
           command="train-critic", help="stage 3: train the critic V(s) on the MC values (megatron)",
           fills={"init_path": Fill("model.critic_init, else the iteration's reference policy",
@@ -124,11 +128,11 @@ STAGES: tuple[Stage, ...] = (
           fills={"problems": TRAIN_SET, "model_path": REF,
                  "seed": Fill("run.seed + 17 (+1000 per iteration)", lambda p: p.seed + 17),
                  "num_samples": Fill("generate + mc budget per training problem (run.budget: samples or tokens)", _rft_k),
-                 "keep": Fill("num_samples (every sample is kept)", _rft_k)}, note=throughput_note),
+                 "keep": Fill("num_samples (every sample is kept)", _rft_k)}, rollout=True, note=throughput_note),
     Stage("rft", "rft", SFTConfig, run_rft, CHECKPOINT, inputs=("rft-generate",), distributed=True, control="rft",
           label="rft", help="rejection-sampling fine-tuning of the reference on its verified-correct samples",
           fills={"init_path": REF, "seed": SEED}),
-    Stage("eval", "eval", EvalConfig, evaluate_checkpoint, EVAL, command="eval",
+    Stage("eval", "eval", EvalConfig, evaluate_checkpoint, EVAL, command="eval", rollout=True,
           help="greedy accuracy of the iteration's reference and trained policies on data.eval, side by side",
           fills={k: same_as(f"generate.{k}") for k in ("verifier", "verify_timeout_s", "prompt_template",
                                                        "system_prompt")}),

@@ -71,6 +71,13 @@ def begin(path: Path, unit: str, dig: str, config: dict, inputs: dict) -> None:
                                      "inputs": inputs})
 
 
+def record(path: Path, **fields: Any) -> None:
+    """Add ``fields`` to the stamp of ``path`` (e.g. ``served_model``: what an SGLang fleet served the unit)."""
+    st = json.loads((path / STAMP).read_text())
+    st.update(fields)
+    atomic_write_json(path / STAMP, st)
+
+
 def finish(path: Path, seconds: float) -> None:
     """Mark the unit in ``path`` finished (after its outputs checked out)."""
     st = json.loads((path / STAMP).read_text())
