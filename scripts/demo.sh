@@ -6,8 +6,10 @@
 #      outcome-only and RFT controls) for each seed, all seeds at once (JOBS) on the two cores,
 #   4. the before/after table over seeds (also written to <out>/RESULTS.md).
 # Usage: scripts/demo.sh [OUT_DIR=runs/demo]   env: SEEDS="0 1 2", JOBS=3, extra key=value overrides in DEMO_OVERRIDES
+#        scripts/demo.sh --sparse [OUT_DIR=runs/sparse]   the sparse-reward variant (scripts/demo_sparse.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ "${1:-}" == "--sparse" ]]; then shift; exec "$ROOT/scripts/demo_sparse.sh" "$@"; fi
 "$ROOT/scripts/setup.sh"
 PY="${DAPO_VENV:-$ROOT/.venv}/bin/python"
 OUT="${1:-runs/demo}"

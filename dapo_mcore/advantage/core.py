@@ -49,6 +49,15 @@ def select_q(actions: Sequence[dict], critic_q: Optional[Sequence[float]], sourc
     return qs
 
 
+def scorable(actions: Sequence[dict], source: str, terminal_reward: bool) -> list[dict]:
+    """The actions a source can give a Q: all of them for the critic; for ``outcome`` only those a completion
+    started (or, with ``terminal_reward``, that end the solution with a verified reward): one-step samples
+    that were never completed have no outcome."""
+    if source != "outcome":
+        return list(actions)
+    return [a for a in actions if a["outcome"] is not None or (terminal_reward and a["terminal_reward"] is not None)]
+
+
 def keep_state(adv: Sequence[float], gap_threshold: float, min_actions: int) -> bool:
     return len(adv) >= min_actions and (max(adv) - min(adv)) >= gap_threshold - 1e-12
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dapo_mcore.advantage.core import advantages, keep_state, ranking_agreement, select_q, unique_actions
+from dapo_mcore.advantage.core import advantages, keep_state, ranking_agreement, scorable, select_q, unique_actions
 from dapo_mcore.config import identity, option
 from dapo_mcore.data.shards import ShardedWriter, chunk, input_identity, iter_records, write_summary
 from dapo_mcore.parallel.runtime import ParallelConfig, initialize_parallel
@@ -65,14 +65,15 @@ class AdvantageConfig:
             raise ValueError(f"advantage.min_actions must be >= 2, got {self.min_actions}")
 
 
-def _candidates(mc_dir, min_actions: int) -> tuple[list[tuple[dict, list[dict]]], dict]:
+def _candidates(mc_dir, min_actions: int, source: str = "critic",
+                terminal_reward: bool = True) -> tuple[list[tuple[dict, list[dict]]], dict]:
     cands, stats = [], {"states_in": 0, "terminal": 0, "too_few_actions": 0}
     for rec in iter_records(mc_dir):
         stats["states_in"] += 1
         if rec["terminal"]:
             stats["terminal"] += 1
             continue
-        acts = unique_actions(rec)
+        acts = scorable(unique_actions(rec), source, terminal_reward)
         if len(acts) < min_actions:
             stats["too_few_actions"] += 1
             continue
@@ -118,7 +119,7 @@ def run_advantage(cfg: AdvantageConfig, mc_dir: str | Path, out_dir: str | Path,
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(cfg.reference_path)
     pad_id = pad_token_id(tok)
-    cands, stats = _candidates(mc_dir, cfg.min_actions)
+    cands, stats = _candidates(mc_dir, cfg.min_actions, cfg.source, cfg.terminal_reward)
     shards = chunk(cands, cfg.shard_size) if cands else []
     writer = None
     todo_obj: list = [None]

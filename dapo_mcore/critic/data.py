@@ -96,14 +96,16 @@ def completion_examples(records: Iterable[dict], delimiter_ids: Sequence[int], e
     return out
 
 
+def is_heldout(problem_id: str, heldout_fraction: float, seed: int) -> bool:
+    """Whether a problem is on the critic's held-out side (a seeded hash of its id)."""
+    h = int(hashlib.sha1(f"{seed}:{problem_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < heldout_fraction
+
+
 def split_by_problem(examples: Sequence[CriticExample], heldout_fraction: float, seed: int):
     """Held-out split of *problems* (never of states): a problem's examples all land on one side."""
-    def heldout(pid: str) -> bool:
-        h = int(hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        return h < heldout_fraction
-
-    train = [e for e in examples if not heldout(e.problem_id)]
-    val = [e for e in examples if heldout(e.problem_id)]
+    train = [e for e in examples if not is_heldout(e.problem_id, heldout_fraction, seed)]
+    val = [e for e in examples if is_heldout(e.problem_id, heldout_fraction, seed)]
     return train, val
 
 

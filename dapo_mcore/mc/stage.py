@@ -11,6 +11,11 @@ Output (sharded, see :mod:`dapo_mcore.data.shards`): one record per state::
     actions: [{ids [int], text, ends_solution, reward (float | None: set iff ends_solution)}],
     sources: [[solution_index, num_steps]]
 
+With ``num_actions`` > 0, every non-terminal state also gets that many **one-step** samples, generated only
+up to the step delimiter and never completed: they follow the completions' actions in ``actions`` (action
+``i`` was completed iff ``i < num_completions``), have no outcome, and only a critic can score them. Their
+tokens are metered apart (``summary["one_step"]``) for the budget accounting.
+
 Completions are verified on ``decode(state steps) + completion text`` (the whole solution).
 Run it with ``dapo-mcore mc CONFIG`` (section ``mc``; ``dapo-mcore mc --help`` lists the keys).
 """
@@ -37,6 +42,9 @@ class MCConfig(RolloutConfig):
     num_completions: int = option(16, "N: completions per state")
     delimiter: str = option("\n", "step delimiter")
     max_context: Optional[int] = option(None, "context length (default: the model's max_position_embeddings)")
+    num_actions: int = option(0, "extra one-step candidate actions per state, sampled up to the delimiter and "
+                                 "never completed (only a critic can score them)")
+    action_max_tokens: int = option(64, "token limit of a one-step candidate action")
     shard_size: int = option(256, "states per output shard (the unit of resume)")
     batch_requests: int = option(32, "states sent to the backend at once", identity=False)
 
@@ -74,7 +82,10 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
     writer = ShardedWriter(out_dir, "mc", {"config": identity(cfg), "input": input_identity(in_dir)}, cfg.fmt,
                            overwrite=overwrite)
     verifier = make_verifier(cfg.verifier, cfg.verify_timeout_s)
-    meter = RolloutMeter()
+    meter, one_meter = RolloutMeter(), RolloutMeter()
+    if cfg.num_actions < 0 or cfg.num_completions < 1:
+        raise ValueError(f"mc: need num_completions >= 1 and num_actions >= 0, got {cfg.num_completions}, "
+                         f"{cfg.num_actions}")
 
     def process(backend, batch) -> list[dict]:
         open_ = [(st, ans) for st, ans in batch if not st.terminal]
@@ -83,6 +94,13 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
             top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_completions,
             sampling_seed=seed_from_id(cfg.seed, st.state_id)), rid=st.state_id) for st, _ in open_]
         results = dict(zip((st.state_id for st, _ in open_), backend.generate(reqs) if reqs else []))
+        one_step: dict[str, list] = {}
+        if cfg.num_actions and open_:
+            oreqs = [GenRequest(st.input_ids, SamplingParams(
+                max_new_tokens=min(cfg.action_max_tokens, max_ctx - len(st)), temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_actions, stop=[cfg.delimiter],
+                sampling_seed=seed_from_id(cfg.seed + 7919, st.state_id)), rid=st.state_id + "/1") for st, _ in open_]
+            one_step = dict(zip((st.state_id for st, _ in open_), backend.generate(oreqs)))
         records = []
         for st, ans in batch:
             if st.terminal:
@@ -100,6 +118,14 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
                 ends = whole and fin == "stop"
                 acts.append({"ids": ids, "text": tok.decode(ids, skip_special_tokens=True),
                              "ends_solution": ends, "reward": r if ends else None})
+            for s in one_step.get(st.state_id, []):
+                one_meter.add([s])
+                ids, _ = first_step(s["output_ids"], tb, cfg.delimiter)
+                fin = s["meta_info"]["finish_reason"]
+                ends = fin["type"] == "stop" and fin.get("matched") != cfg.delimiter   # stopped at EOS
+                text = tok.decode(ids, skip_special_tokens=True)
+                acts.append({"ids": ids, "text": text, "ends_solution": ends,
+                             "reward": verifier.verify(head + text, ans) if ends else None})
             records.append(state_record(st, sum(c["reward"] for c in comps) / len(comps), comps, acts))
         return records
 
@@ -109,4 +135,6 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
     summary = {"stage": "mc", "states": len(states), "terminal_states": sum(st.terminal for st, _ in states),
                "state_stats": asdict(sstats), "shards": n_shards, "shards_computed": n_done,
                "verifier": verifier.stats.as_dict(), "throughput": meter.summary()}
+    if cfg.num_actions:
+        summary["one_step"] = one_meter.summary()
     return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)

@@ -144,10 +144,12 @@ class Pipeline:
         """Reference policy (generator, completer, actor init) of iteration ``k``."""
         return self.policy0 if k == 0 else str(self.layout.unit(k - 1, NEXT_REFERENCE) / "hf")
 
-    def units(self) -> list[Stage]:
-        """The units of one iteration, in table order: the chosen stages and the chosen controls' units."""
+    def units(self, k: int = 0) -> list[Stage]:
+        """The units of iteration ``k``, in table order: the chosen stages and the chosen controls' units (in
+        iteration 0 only with ``run.controls_first_only``)."""
         r = self.cfg.run
-        return [s for s in STAGES if (s.control is None and s.name in r.stages) or s.control in r.controls]
+        controls = r.controls if k == 0 or not r.controls_first_only else []
+        return [s for s in STAGES if (s.control is None and s.name in r.stages) or s.control in controls]
 
     def plan(self, k: int, stage: Stage) -> tuple[Any, list[str], dict]:
         """``(filled config, positional input dirs + out dir, input identity)`` of a unit in iteration ``k``."""
@@ -215,7 +217,7 @@ class Pipeline:
     def eval_models(self, k: int) -> dict[str, str]:
         """Label -> checkpoint compared in iteration ``k``'s eval (reference first, then the table's labels)."""
         models = {"reference": self.policy(k)}
-        for s in self.units():
+        for s in self.units(k):
             if s.label and finished(self.layout.unit(k, s.name)):
                 models[s.label] = str(self.layout.unit(k, s.name) / "hf")
         return models
@@ -330,7 +332,7 @@ class Pipeline:
         try:
             with process_group_scope():      # the group an in-process distributed stage leaves behind
                 for k in range(n_iter):
-                    for stage in self.units():
+                    for stage in self.units(k):
                         self.run_unit(k, stage.name)
                         if after_unit is not None:
                             after_unit(k, stage.name)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import matplotlib
 
+from dapo_mcore.eval.diagnostics import diagnostics_markdown, iteration_diagnostics
 from dapo_mcore.eval.table import comparison_markdown
 from dapo_mcore.run.layout import RunLayout
 from dapo_mcore.run.stages import NEXT_REFERENCE, STAGE, STAGES
@@ -138,6 +139,10 @@ def write_report(out_dir: str | Path) -> Path:
             if (it / "critic" / "calibration.png").is_file():
                 md += ["", f"![critic calibration]({k}/critic/calibration.png)"]
             md.append("")
+        checker = ((_load(it / "critic" / "stage.json") or {}).get("config") or {}).get("step_checker", "")
+        diag = iteration_diagnostics(it, checker)
+        (it / "diagnostics.json").write_text(json.dumps(diag, indent=1, default=str))
+        md += diagnostics_markdown(diag)
         if (it / "advantage" / "advantage_hist.png").is_file():
             md += ["### Advantages", "", f"![advantage histogram]({k}/advantage/advantage_hist.png)", ""]
         metrics = {s.name: it / s.name / "metrics.jsonl" for s in STAGES      # the actor and its controls

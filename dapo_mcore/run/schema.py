@@ -18,6 +18,7 @@ from dapo_mcore.config import ConfigError, apply_overrides, build, flatten_keys,
 from dapo_mcore.parallel.fast_paths import FastPathConfig
 from dapo_mcore.parallel.runtime import ParallelConfigError
 from dapo_mcore.run.stages import CONTROLS, FILLED, MAIN, SECTIONS, STAGES
+from dapo_mcore.sft.rft import BUDGETS
 
 DISTRIBUTED_SECTIONS = tuple(dict.fromkeys(s.section for s in STAGES if s.distributed))   # with ``parallel``
 
@@ -32,6 +33,11 @@ class RunSection:
     controls: list[str] = option(factory=list, doc=f"controls per iteration, of {list(CONTROLS)}: outcome (advantages "
                                                    "from the MC outcomes, no critic), rft (rejection-sampling "
                                                    "fine-tuning on the same generation budget)")
+    controls_first_only: bool = option(False, "run the controls in iteration 0 only (iterative DAPO against "
+                                              "one-shot controls)")
+    budget: str = option("samples", "how RFT's generation budget matches DAPO's generate + mc: samples (each "
+                                    "sample counts one) | tokens (the generated tokens)")
+    outcome_beta: Optional[float] = option(None, "beta of the outcome-only control's actor (default: actor.beta)")
 
 
 @dataclass
@@ -112,6 +118,8 @@ def validate(cfg: RunConfig) -> None:
     bad = [c for c in r.controls if c not in CONTROLS]
     if bad:
         raise ConfigError(f"run.controls: unknown control(s) {bad}; choose from {list(CONTROLS)}")
+    if r.budget not in BUDGETS:
+        raise ConfigError(f"run.budget must be one of {list(BUDGETS)}, got {r.budget!r}")
     if r.iterations < 1:
         raise ConfigError(f"run.iterations must be >= 1, got {r.iterations}")
     if r.nproc < 1:

@@ -82,7 +82,11 @@ def same_as(key: str) -> Fill:
 
 
 def _rft_k(p) -> int:
-    return samples_per_problem(p.output("generate"), p.output("mc"))
+    return samples_per_problem(p.output("generate"), p.output("mc"), p.cfg.run.budget)
+
+
+def _outcome_beta(p) -> float:
+    return p.cfg.actor.beta if p.cfg.run.outcome_beta is None else p.cfg.run.outcome_beta
 
 
 STAGES: tuple[Stage, ...] = (
@@ -115,13 +119,15 @@ STAGES: tuple[Stage, ...] = (
                  "reference_path": REF}, note=advantage_note),
     Stage("actor-outcome", "actor", ActorConfig, run_train_actor, CHECKPOINT, inputs=("advantage-outcome",),
           distributed=True, control="outcome", label="outcome-only",
-          help="the actor trained on the outcome-only advantages", fills={"init_path": REF, "seed": SEED},
+          help="the actor trained on the outcome-only advantages",
+          fills={"init_path": REF, "seed": SEED,
+                 "beta": Fill("run.outcome_beta, else actor.beta (its advantages have another scale)", _outcome_beta)},
           note=actor_note),
     Stage("rft-generate", "generate", GenerateConfig, run_generate, SHARDS, control="rft",
           help="the reference samples every training problem with DAPO's generate + mc budget",
           fills={"problems": TRAIN_SET, "model_path": REF,
                  "seed": Fill("run.seed + 17 (+1000 per iteration)", lambda p: p.seed + 17),
-                 "num_samples": Fill("generate + mc samples per training problem", _rft_k),
+                 "num_samples": Fill("generate + mc budget per training problem (run.budget: samples or tokens)", _rft_k),
                  "keep": Fill("num_samples (every sample is kept)", _rft_k)}, rollout=True, note=throughput_note),
     Stage("rft", "rft", SFTConfig, run_rft, CHECKPOINT, inputs=("rft-generate",), distributed=True, control="rft",
           label="rft", help="rejection-sampling fine-tuning of the reference on its verified-correct samples",

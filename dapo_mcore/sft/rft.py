@@ -16,12 +16,25 @@ from dapo_mcore.sft.train import SFTConfig, SFTExample, run_sft_examples
 from dapo_mcore.training.loop import save_summary
 
 
-def samples_per_problem(gen_dir: str | Path, mc_dir: str | Path) -> int:
-    """K of ``rft-generate``: the samples DAPO's generate + mc stages drew, spread over the training problems."""
+BUDGETS = ("samples", "tokens")
+
+
+def samples_per_problem(gen_dir: str | Path, mc_dir: str | Path, budget: str = "samples") -> int:
+    """K of ``rft-generate``: DAPO's generate + mc budget (one-step candidate actions included) spread over the
+    training problems. ``budget="samples"``: every sample counts one; ``"tokens"``: the generated tokens
+    divided by the mean length of a generate-stage sample (as many whole solutions as the same generated
+    tokens buy)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"run.budget must be one of {BUDGETS}, got {budget!r}")
     gen = json.loads((Path(gen_dir) / "summary.json").read_text())
     mc = json.loads((Path(mc_dir) / "summary.json").read_text())
-    budget = gen["throughput"]["samples"] + mc["throughput"]["samples"]
-    return max(1, round(budget / max(gen["problems"], 1)))
+    metered = [gen["throughput"], mc["throughput"]] + ([mc["one_step"]] if mc.get("one_step") else [])
+    if budget == "samples":
+        total = float(sum(m["samples"] for m in metered))
+    else:
+        per_sample = gen["throughput"]["completion_tokens"] / max(1, gen["throughput"]["samples"])
+        total = sum(m["completion_tokens"] for m in metered) / max(per_sample, 1e-9)
+    return max(1, round(total / max(gen["problems"], 1)))
 
 
 def rft_examples(gen_dir: str | Path, min_reward: float = 1.0) -> tuple[list[SFTExample], dict]:

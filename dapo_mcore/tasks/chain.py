@@ -41,11 +41,15 @@ class ChainProblem:
             v += o
         return str(v)
 
-    def solution(self, carry_error_rate: float = 0.0, rng: random.Random | None = None) -> str:
+    def solution(self, carry_error_rate: float = 0.0, rng: random.Random | None = None,
+                 step_error_rate: float = 0.0) -> str:
         """The step-by-step solution text (ends with the answer line, no trailing newline).
 
         With ``carry_error_rate`` > 0, a '+' step that needs a carry is written without it
-        with that probability (a systematic error); later lines stay consistent with it.
+        with that probability (a systematic error). With ``step_error_rate`` > 0, every step that
+        is otherwise right is independently written off by 1 or 2 (either sign, staying in
+        [0, 99]) with that probability (errors spread over the steps). Later lines stay
+        consistent with an error.
         """
         rng = rng or random.Random(0)
         lines, v = [], self.start
@@ -53,6 +57,9 @@ class ChainProblem:
             new = v + o
             if o > 0 and (v % 10) + (o % 10) >= 10 and rng.random() < carry_error_rate:
                 new = new - 10  # dropped carry
+            elif step_error_rate > 0 and rng.random() < step_error_rate:
+                offs = [d for d in (-2, -1, 1, 2) if 0 <= new + d <= 99] or [1, 2]
+                new = new + rng.choice(offs)   # a slip: off by 1 or 2
             sign = "+" if o >= 0 else "-"
             lines.append(f"{v}{sign}{abs(o)}={new}")
             v = new

@@ -52,6 +52,22 @@ class DemoSetup:
     token_budget: int = 128
     rows_per_microbatch: int = 8
 
+    def sft_solution(self, p, rng: random.Random) -> str:
+        """The reference's SFT target for problem ``p`` (the data's error model)."""
+        return p.solution(self.carry_error_rate, rng)
+
+    def problem_sets(self) -> dict[str, list]:
+        """``{"sft", "train", "heldout", ...}`` problem lists; every set after ``train`` is disjoint from the
+        SFT and training problems (and from the sets before it)."""
+        ops = (self.min_ops, self.max_ops)
+        sets = {"sft": make_problems(self.sft_problems, self.seed * 7 + 1, ops, prefix="sft"),
+                "train": make_problems(self.train_problems, self.seed * 7 + 2, ops, prefix="train")}
+        seen = {_key(p) for p in sets["sft"]} | {_key(p) for p in sets["train"]}
+        held = [p for p in make_problems(self.eval_problems * 2, self.seed * 7 + 3, ops, prefix="heldout")
+                if _key(p) not in seen]
+        sets["heldout"] = held[:self.eval_problems]   # held-out never seen in training
+        return sets
+
 
 def _key(p) -> tuple:
     return (p.start, p.ops)
@@ -68,19 +84,15 @@ def prepare(out_dir: str | Path, s: DemoSetup, show_progress: bool = True) -> di
         if done.get("setup") == asdict(s):
             return done
     t0 = time.time()
-    ops = (s.min_ops, s.max_ops)
-    sft = make_problems(s.sft_problems, s.seed * 7 + 1, ops, prefix="sft")
-    train = make_problems(s.train_problems, s.seed * 7 + 2, ops, prefix="train")
-    held = make_problems(s.eval_problems * 2, s.seed * 7 + 3, ops, prefix="heldout")
-    seen = {_key(p) for p in sft} | {_key(p) for p in train}
-    held = [p for p in held if _key(p) not in seen][:s.eval_problems]   # held-out never seen in training
+    sets = s.problem_sets()
+    sft = sets.pop("sft")
     pdir = out / "problems"
     pdir.mkdir(parents=True, exist_ok=True)
-    for name, probs in (("train", train), ("heldout", held)):
+    for name, probs in sets.items():
         (pdir / f"{name}.jsonl").write_text("".join(json.dumps(p.to_record()) + "\n" for p in probs))
 
     rng = random.Random(s.seed)
-    texts = [p.prompt + p.solution(s.carry_error_rate, rng) for p in sft]
+    texts = [p.prompt + s.sft_solution(p, rng) for p in sft]
     init = build_tiny_checkpoint(out / "init", texts[:5000],
                                  TinyModelConfig(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                                                  num_layers=s.num_layers, num_heads=s.num_heads,
@@ -97,9 +109,9 @@ def prepare(out_dir: str | Path, s: DemoSetup, show_progress: bool = True) -> di
                   rows_per_microbatch=s.rows_per_microbatch, seed=s.seed, show_progress=show_progress,
                   tensorboard=False),
         examples, out / "reference")
-    setup = {"setup": asdict(s), "reference": str(out / "reference" / "hf"), "train": str(pdir / "train.jsonl"),
-             "heldout": str(pdir / "heldout.jsonl"), "sft": {k: summary.get(k) for k in ("steps", "last", "seconds")},
-             "seconds": time.time() - t0}
+    setup = {"setup": asdict(s), "reference": str(out / "reference" / "hf"),
+             **{name: str(pdir / f"{name}.jsonl") for name in sets},
+             "sft": {k: summary.get(k) for k in ("steps", "last", "seconds")}, "seconds": time.time() - t0}
     marker.write_text(json.dumps(setup, indent=1))
     return setup
 
