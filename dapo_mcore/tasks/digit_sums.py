@@ -62,8 +62,8 @@ class SumProblem:
 class SumsSetup:
     seed: int = 0
     terms: int = 3
-    train_problems: int = 32
-    eval_problems: int = 128
+    train_problems: int = 16
+    eval_problems: int = 64
     model: str = "smollm2-135m-instruct"
 
 

@@ -6,7 +6,7 @@
 #   3. the whole pipeline (generate -> mc -> critic -> advantage -> actor -> eval, plus the outcome-only
 #      and RFT controls) with examples/smollm2/smollm2.yaml; the before/after table is in OUT/run/report.md.
 # Usage: examples/smollm2/run.sh [OUT_DIR=runs/smollm2] [key=value ...]
-#   env: TRAIN_PROBLEMS=32 EVAL_PROBLEMS=128 SEED=0 (problem counts and seed of the prepared sets)
+#   env: TRAIN_PROBLEMS=16 EVAL_PROBLEMS=64 SEED=0 (problem counts and seed of the prepared sets)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 "$ROOT/scripts/setup.sh"
@@ -18,7 +18,7 @@ cd "$ROOT"
 start=$(date +%s)
 echo "[smollm2] model + problems -> $OUT/setup"
 "$PY" -m dapo_mcore.tasks.digit_sums prepare --out "$OUT/setup" --seed "${SEED:-0}" \
-    --train-problems "${TRAIN_PROBLEMS:-32}" --eval-problems "${EVAL_PROBLEMS:-128}"
+    --train-problems "${TRAIN_PROBLEMS:-16}" --eval-problems "${EVAL_PROBLEMS:-64}"
 get() { "$PY" -c "import json,sys; print(json.load(open('$OUT/setup/setup.json'))['$1'])"; }
 "$PY" -m dapo_mcore.cli run examples/smollm2/smollm2.yaml run.out_dir="$OUT/run" run.seed="${SEED:-0}" \
     model.policy="$(get model)" data.train="$(get train)" data.eval.heldout="$(get heldout)" "$@"
