@@ -68,7 +68,7 @@ def test_stage_commands_take_the_launchers_layout_flags(monkeypatch, tmp_path, c
     from dapo_mcore.run.pipeline import Pipeline
 
     seen = {}
-    monkeypatch.setattr(Pipeline, "prepare", lambda self, echo=True: None)
+    monkeypatch.setattr(Pipeline, "prepare", lambda self, echo=True, **kw: None)
     monkeypatch.setattr(Pipeline, "run_unit", lambda self, k, name, force=False: seen.update(cfg=self.cfg, name=name))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("toy: {}\n")
