@@ -83,3 +83,13 @@ def test_stages_are_peers_and_the_base_imports_no_stage():
         bad = reach(b, set()) & (stages | set(ABOVE_STAGES))
         assert not bad, f"{b} reaches {sorted(bad)}"
     assert "cli" not in reach("scripts", set())
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject.toml lists every package directory (a non-editable install would miss the others)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "dapo_mcore").rglob("__init__.py")}
+    assert found - listed == set(), f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
