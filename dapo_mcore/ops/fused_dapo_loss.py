@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from dapo_mcore.ops.dispatch import backend, resolve_impl
 from dapo_mcore.ops.reference import acc_dtype
-from dapo_mcore.ops.target_logprob import _fusable_main_grad, dummy_weight_grad
+from dapo_mcore.ops.target_logprob import _fusable_main_grad, dummy_weight_grad, shard_logprobs
 
 # Bytes of one chunk's logits z [chunk, V_local] (fp32). Every chunk reads W twice and reads + writes all of
 # grad_weight (main_grad, fp32) once, so larger chunks mean less memory traffic per FLOP: on CPU 128 MiB
@@ -97,15 +97,7 @@ class _FusedDapoLoss(torch.autograd.Function):
             hc, yc, sc = h_a[a:b], y_a[a:b], seg_a[a:b]
             m, s, tgt, z = be.fused_loss_logits(hc, weight, yc, vocab_start, workspace=ws)
             ws = z
-            if tp_group is not None:
-                m_all = m.clone()
-                dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=tp_group)
-                s = s * torch.exp(m - m_all)
-                dist.all_reduce(s, group=tp_group)
-                dist.all_reduce(tgt, group=tp_group)
-                m = m_all
-            lse = m + torch.log(s)
-            lp = torch.where(yc >= 0, tgt - lse, torch.zeros_like(lse))
+            lp, lse = shard_logprobs(m, s, tgt, yc, tp_group)
             logp_a[a:b] = lp
             ratio.index_add_(0, sc, lp - ref_a[a:b])          # the chunk holds these actions whole
             if need_h or need_w:

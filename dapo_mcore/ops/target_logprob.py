@@ -28,21 +28,29 @@ import torch.distributed as dist
 from dapo_mcore.ops.dispatch import backend, resolve_impl
 
 
+def shard_logprobs(m: torch.Tensor, s: torch.Tensor, tgt: torch.Tensor, targets: torch.Tensor,
+                   tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, lse)`` [T] fp32 from one vocab shard's online log-sum-exp statistics (``m`` running max,
+    ``s`` sum of exp(z - m), ``tgt`` the target logit or 0 off-shard; [T] fp32), combined over ``tp_group``
+    (None: one shard). ``logp`` is 0 where ``targets`` < 0 (ignored tokens)."""
+    if tp_group is not None:
+        m_all = m.clone()
+        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=tp_group)
+        s = s * torch.exp(m - m_all)
+        dist.all_reduce(s, group=tp_group)
+        dist.all_reduce(tgt, group=tp_group)
+        m = m_all
+    lse = m + torch.log(s)
+    return torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse)), lse
+
+
 class _TargetLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, tp_group, impl, block_t, block_v, fuse_param):
         be = backend(impl)
         vocab_start = dist.get_rank(tp_group) * weight.shape[0] if tp_group is not None else 0
         m, s, tgt = be.target_logprob_fwd(hidden, weight, targets, vocab_start, block_t, block_v)
-        if tp_group is not None:
-            m_all = m.clone()
-            dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=tp_group)
-            s = s * torch.exp(m - m_all)
-            dist.all_reduce(s, group=tp_group)
-            dist.all_reduce(tgt, group=tp_group)
-            m = m_all
-        lse = m + torch.log(s)
-        logp = torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse))
+        logp, lse = shard_logprobs(m, s, tgt, targets, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.cfg = (tp_group, impl, block_t, block_v, vocab_start)
         ctx.fuse_param = fuse_param  # (param,) whose main_grad receives grad_weight, or None
