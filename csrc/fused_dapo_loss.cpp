@@ -29,6 +29,7 @@
 
 #include "cpu_common.h"
 #include "fast_exp.h"
+#include "online_lse.h"
 #include "panel_gemm.h"
 
 namespace dapo {
@@ -90,24 +91,19 @@ std::tuple<Tensor, Tensor, Tensor> logits_blocked(const Tensor& hidden, const Te
     hT = at::empty({panel::packed_words(H, T)}, at::kInt);
     panel::pack(u16(h), H, H, T, /*rows_are_n=*/true, u32(hT));
   }
-  const int nthreads = at::get_num_threads();
-  std::vector<acc_t> run_max(static_cast<size_t>(nthreads) * T, -std::numeric_limits<acc_t>::infinity());
-  std::vector<acc_t> run_sum(static_cast<size_t>(nthreads) * T, acc_t(0));
+  cpu::ThreadLse<acc_t> lse(T, at::get_num_threads());
   Tensor tgt = at::zeros({T}, opts);
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
 
   struct State {
-    acc_t* mx;
-    acc_t* sm;
+    int tid;
     std::vector<acc_t> bm;
     Tensor wbuf;
   };
   for_each_chunk(
       n_blocks(V, block_v),
       [&] {
-        const int tid = at::get_thread_num();
-        return State{run_max.data() + static_cast<size_t>(tid) * T, run_sum.data() + static_cast<size_t>(tid) * T,
-                     std::vector<acc_t>(T), upcast ? at::empty({block_v * H}, opts) : Tensor()};
+        return State{at::get_thread_num(), std::vector<acc_t>(T), upcast ? at::empty({block_v * H}, opts) : Tensor()};
       },
       [&](State& st, int64_t c) {
         const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
@@ -121,26 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_blocked(const Tensor& hidden, const Te
           Tensor out = z.narrow(0, c * block_v * T, vc * T).view({vc, T});
           at::mm_out(out, wc, h.t());
         }
-        acc_t* bm = st.bm.data();
-        std::fill(bm, bm + T, -std::numeric_limits<acc_t>::infinity());
-        for (int64_t v = 0; v < vc; ++v) {
-          const acc_t* row = zt + v * T;
-#pragma omp simd
-          for (int64_t t = 0; t < T; ++t) bm[t] = std::max(bm[t], row[t]);
-        }
-        acc_t* mx = st.mx;
-        acc_t* sm = st.sm;
-#pragma omp simd
-        for (int64_t t = 0; t < T; ++t) {
-          const acc_t m_new = std::max(mx[t], bm[t]);
-          sm[t] *= exp_acc(mx[t] - m_new);  // mx = -inf at first: exp(-inf) = 0
-          mx[t] = m_new;
-        }
-        for (int64_t v = 0; v < vc; ++v) {
-          const acc_t* row = zt + v * T;
-#pragma omp simd
-          for (int64_t t = 0; t < T; ++t) sm[t] += exp_acc(row[t] - mx[t]);
-        }
+        lse.update_columns(st.tid, zt, vc, st.bm.data());
         for (int64_t t = 0; t < T; ++t) {
           const int64_t col = y[t] - vocab_start - v0;
           if (col >= 0 && col < vc) tgt_p[t] = zt[col * T + t];  // exactly one block owns the target
@@ -150,20 +127,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_blocked(const Tensor& hidden, const Te
         if (fast) panel::release();
       });
 
-  Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
-  acc_t* om = out_max.data_ptr<acc_t>();
-  acc_t* os = out_sum.data_ptr<acc_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int k = 0; k < nthreads; ++k) m = std::max(m, run_max[static_cast<size_t>(k) * T + t]);
-    acc_t s = 0;
-    for (int k = 0; k < nthreads; ++k) {
-      const acc_t mk = run_max[static_cast<size_t>(k) * T + t];
-      if (mk != -std::numeric_limits<acc_t>::infinity()) s += run_sum[static_cast<size_t>(k) * T + t] * exp_acc(mk - m);
-    }
-    om[t] = m;
-    os[t] = s;
-  }
+  auto [out_max, out_sum] = lse.merge(opts);
   return {out_max, out_sum, tgt};
 }
 
@@ -289,9 +253,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_flat(const Tensor& hidden, const Tenso
   Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
   Tensor ZT = z.narrow(0, 0, V * T).view({V, T});  // z^T: W @ h^T is the fast orientation of both BLAS calls
   acc_t* zp = ZT.data_ptr<acc_t>();
-  const int nthreads = at::get_num_threads();
-  std::vector<acc_t> run_max(static_cast<size_t>(nthreads) * T, -std::numeric_limits<acc_t>::infinity());
-  std::vector<acc_t> run_sum(static_cast<size_t>(nthreads) * T, acc_t(0));
+  cpu::ThreadLse<acc_t> lse(T, at::get_num_threads());
   {
     at::NoGradGuard no_grad;
     if (bf) {
@@ -304,29 +266,8 @@ std::tuple<Tensor, Tensor, Tensor> logits_flat(const Tensor& hidden, const Tenso
   for_each_chunk(
         n_blocks(V, kPassRows), [&] { return std::vector<acc_t>(T); },
         [&](std::vector<acc_t>& bmv, int64_t c) {
-          const int tid = at::get_thread_num();
-          acc_t* mx = run_max.data() + static_cast<size_t>(tid) * T;
-          acc_t* sm = run_sum.data() + static_cast<size_t>(tid) * T;
           const int64_t v0 = c * kPassRows, vc = std::min(kPassRows, V - v0);
-          const acc_t* blk = zp + v0 * T;
-          acc_t* bm = bmv.data();
-          std::fill(bm, bm + T, -std::numeric_limits<acc_t>::infinity());
-          for (int64_t v = 0; v < vc; ++v) {
-            const acc_t* row = blk + v * T;
-#pragma omp simd
-            for (int64_t t = 0; t < T; ++t) bm[t] = std::max(bm[t], row[t]);
-          }
-#pragma omp simd
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t m_new = std::max(mx[t], bm[t]);
-            sm[t] *= exp_acc(mx[t] - m_new);  // mx = -inf at first: exp(-inf) = 0
-            mx[t] = m_new;
-          }
-          for (int64_t v = 0; v < vc; ++v) {
-            const acc_t* row = blk + v * T;
-#pragma omp simd
-            for (int64_t t = 0; t < T; ++t) sm[t] += exp_acc(row[t] - mx[t]);
-          }
+          lse.update_columns(at::get_thread_num(), zp + v0 * T, vc, bmv.data());
         });
   Tensor tgt = at::zeros({T}, opts);
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
@@ -335,20 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_flat(const Tensor& hidden, const Tenso
     const int64_t col = y[t] - vocab_start;
     if (col >= 0 && col < V) tgt_p[t] = zp[col * T + t];  // targets of other shards: 0 (summed over TP)
   }
-  Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
-  acc_t* om = out_max.data_ptr<acc_t>();
-  acc_t* os = out_sum.data_ptr<acc_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int k = 0; k < nthreads; ++k) m = std::max(m, run_max[static_cast<size_t>(k) * T + t]);
-    acc_t sum = 0;
-    for (int k = 0; k < nthreads; ++k) {
-      const acc_t mk = run_max[static_cast<size_t>(k) * T + t];
-      if (mk != -std::numeric_limits<acc_t>::infinity()) sum += run_sum[static_cast<size_t>(k) * T + t] * exp_acc(mk - m);
-    }
-    om[t] = m;
-    os[t] = sum;
-  }
+  auto [out_max, out_sum] = lse.merge(opts);
   return {out_max, out_sum, tgt};
 }
 

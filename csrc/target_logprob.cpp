@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "online_lse.h"
 #include "fast_exp.h"
 #include "panel_gemm.h"
 
@@ -71,10 +72,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
   Tensor w = weight.detach().contiguous();
   const int64_t H = w.size(1);
   const int64_t* y = targets.data_ptr<int64_t>();
-  const int nthreads = at::get_num_threads();
-  // Per-thread online softmax state [nthreads, T].
-  std::vector<acc_t> run_max(static_cast<size_t>(nthreads) * T, -std::numeric_limits<acc_t>::infinity());
-  std::vector<acc_t> run_sum(static_cast<size_t>(nthreads) * T, acc_t(0));
+  cpu::ThreadLse<acc_t> lse(T, at::get_num_threads());  // per-thread online softmax state
   Tensor tgt = at::zeros({T}, opts);
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
   const int64_t n_chunks = (V + block_v - 1) / block_v;
@@ -90,8 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
       n_chunks,
       [&] {
         const int tid = at::get_thread_num();
-        return FwdState{run_max.data() + static_cast<size_t>(tid) * T,
-                        run_sum.data() + static_cast<size_t>(tid) * T, at::empty({bt * block_v}, opts),
+        return FwdState{lse.mx(tid), lse.sm(tid), at::empty({bt * block_v}, opts),
                         upcast ? at::empty({block_v * H}, opts)
                                : fast ? at::empty({panel::packed_words(H, block_v)}, at::kInt) : Tensor()};
       },
@@ -132,20 +129,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& hidden, const Tensor& 
         if (fast) panel::release();
       });
 
-  Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);
-  acc_t* om = out_max.data_ptr<acc_t>();
-  acc_t* os = out_sum.data_ptr<acc_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int k = 0; k < nthreads; ++k) m = std::max(m, run_max[static_cast<size_t>(k) * T + t]);
-    acc_t s = 0;
-    for (int k = 0; k < nthreads; ++k) {
-      const acc_t mk = run_max[static_cast<size_t>(k) * T + t];
-      if (mk != -std::numeric_limits<acc_t>::infinity()) s += run_sum[static_cast<size_t>(k) * T + t] * exp_acc(mk - m);
-    }
-    om[t] = m;
-    os[t] = s;
-  }
+  auto [out_max, out_sum] = lse.merge(opts);
   return {out_max, out_sum, tgt};
 }
 
