@@ -13,6 +13,7 @@ dataclass). Overrides use dotted keys and YAML scalars: ``critic.lr=1e-4 run.ite
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -105,6 +106,24 @@ def flag_options(cls, prefix: str) -> dict[str, tuple[str, Any]]:
         elif f.metadata.get("flag"):
             out[f.metadata["flag"]] = (key, hints[f.name])
     return out
+
+
+def add_flags(parser, cls) -> None:
+    """One ``--field-name`` option per field of the flat dataclass ``cls`` (its default, its type; a
+    bool as ``--x/--no-x``; the field's :func:`option` doc as help). :func:`from_flags` reads them back."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name, doc = "--" + f.name.replace("_", "-"), f.metadata.get("doc", "") or None
+        if hints[f.name] is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=doc)
+        else:
+            parser.add_argument(name, type=hints[f.name], default=default, help=doc)
+
+
+def from_flags(cls, args):
+    """The ``cls`` instance of the options :func:`add_flags` added, from parsed ``args``."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def to_dict(obj) -> Any:

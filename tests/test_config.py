@@ -123,3 +123,26 @@ def test_parse_override_scalars():
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=") == ("a", "")
+
+
+def test_add_flags_round_trip_and_bool_flags():
+    import argparse
+    from dataclasses import dataclass
+
+    from dapo_mcore.config import add_flags, from_flags, option
+
+    @dataclass
+    class Setup:
+        steps: int = option(3, "how many steps")
+        lr: float = 1e-3
+        name: str = "a"
+        fast: bool = option(True, "go fast")
+
+    p = argparse.ArgumentParser()
+    add_flags(p, Setup)
+    assert from_flags(Setup, p.parse_args([])) == Setup()
+    got = from_flags(Setup, p.parse_args(["--steps", "7", "--lr", "2e-4", "--name", "b", "--no-fast"]))
+    assert got == Setup(steps=7, lr=2e-4, name="b", fast=False)  # "--fast False" would have read as True
+    assert "how many steps" in p.format_help()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--steps", "x"])

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.config import add_flags, from_flags
 from dapo_mcore.eval.evaluate import load_results
 from dapo_mcore.sft.train import SFTConfig, SFTExample, run_sft_examples
 from dapo_mcore.tasks.chain import make_problems
@@ -150,13 +151,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="problems + tokenizer + reference policy (megatron SFT)")
     p.add_argument("--out", required=True)
-    for f, v in asdict(DemoSetup()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    add_flags(p, DemoSetup)
     t = sub.add_parser("table", help="before/after table over the runs (seeds) given")
     t.add_argument("runs", nargs="+")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        s = DemoSetup(**{f: getattr(a, f) for f in asdict(DemoSetup())})
+        s = from_flags(DemoSetup, a)
         setup = prepare(a.out, s)
         print(json.dumps({k: setup[k] for k in ("reference", "train", "heldout")}, indent=1))
     else:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.config import add_flags, from_flags
+
 # The solved examples shown in the prompt (examples/smollm2/smollm2.yaml); never drawn as problems.
 PROMPT_EXAMPLES = ((4, 3, 6), (7, 5, 2))
 
@@ -108,10 +110,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = sub.add_parser("prepare", help="problems/{train,heldout}.jsonl + setup.json (imports the model if missing)")
     p.add_argument("--out", required=True)
     p.add_argument("--no-import", action="store_true", help="do not import the model checkpoint")
-    for f, v in asdict(SumsSetup()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    add_flags(p, SumsSetup)
     a = ap.parse_args(argv)
-    s = SumsSetup(**{f: getattr(a, f) for f in asdict(SumsSetup())})
+    s = from_flags(SumsSetup, a)
     setup = prepare(a.out, s, import_missing=not a.no_import)
     print(json.dumps({k: setup[k] for k in ("model", "train", "heldout")}, indent=1))
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from dapo_mcore.config import add_flags, from_flags
 from dapo_mcore.eval.diagnostics import budget
 from dapo_mcore.eval.evaluate import load_results
 from dapo_mcore.eval.stats import paired_difference
@@ -153,15 +154,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="problems (sft/train/val/heldout) + tokenizer + reference policy")
     p.add_argument("--out", required=True)
-    for f, v in asdict(SparseSetup()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    add_flags(p, SparseSetup)
     t = sub.add_parser("table", help="the sparse demo's table over the runs (seeds) given, with RESULT lines")
     t.add_argument("runs", nargs="+")
     t.add_argument("--set", default="heldout", help="evaluation set (val while designing, heldout for the table)")
     t.add_argument("--seconds", type=float, default=None, help="the demo's wall time (a RESULT line)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        s = SparseSetup(**{f: getattr(a, f) for f in asdict(SparseSetup())})
+        s = from_flags(SparseSetup, a)
         setup = prepare(a.out, s)
         print(json.dumps({k: setup[k] for k in ("reference", "train", "val", "heldout")}, indent=1))
     else:
