@@ -32,6 +32,7 @@ loaded CPU it is a steadier measure of the work each variant does than wall time
     python scripts/bench_kernels.py --quick     # CPU, T=512 (a few minutes on 2 cores)
     python scripts/bench_kernels.py             # CPU shape T=2048 H=896 V=151936 (Qwen2.5-0.5B), fp32+bf16
     python scripts/bench_kernels.py --dtype bfloat16 --mode fwd_bwd --wgrad main_grad   # one case
+    python scripts/bench_kernels.py --what chunks --dtype bfloat16   # the fused loss per token chunk vs torch.mm
 On a CUDA machine it also runs the paper-scale shapes (T=8192, H=3584/8192, V=152064, TP=1/8:
 TP=8 is simulated on one GPU by its local vocab shard). It always prints an H100 roofline.
 Ends with ``RESULT <name> <value> <unit>`` lines.
@@ -277,7 +278,55 @@ def compare_loss(T: int, H: int, V: int, dtype: str, device: str, warmup: int, r
     row.update(speedup=row["naive_s"] / row["fused_s"], vs_chunked=row["chunked_s"] / row["fused_s"],
                floor_fraction=floor / row["fused_s"], mem_ratio=row["fused_mib"] / max(row["naive_mib"], 1e-9))
     print(loss_table([row]).splitlines()[-1], flush=True)
+    print("  per round (s): " + "; ".join(f"{v.removeprefix('loss_')} " + " ".join(f"{r['time_s']:.2f}" for r in rs)
+                                      for v, rs in res.items()) + " (gemm_floor: one torch.mm)", flush=True)
     return row
+
+
+def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(192, 384, 1024)) -> None:
+    """Where the fused loss's time goes against the floor: one chunk of ``c`` tokens through the CPU kernels
+    (``fused_loss_logits`` + ``fused_loss_grads`` into an fp32 main_grad) vs ``torch.mm`` on the same chunk,
+    and ``torch.mm`` on all T tokens (the floor's rate); best of 3 after a warm-up, in this process."""
+    import torch
+
+    from dapo_mcore.ops import cpp_backend as be
+
+    def best(f, n: int = 3) -> float:
+        f()
+        out = float("inf")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    print("| dtype | chunk tokens | z MiB | torch.mm chunk GFLOP/s | vs full-T rate | fused chunk (ms) | fused / 3 mm(chunk) "
+          "| projected floor fraction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dt in dtypes:
+        torch.manual_seed(0)
+        h = torch.empty(T, H).normal_(0.0, 0.5).to(_dtype(dt))
+        w = torch.empty(V, H).normal_(0.0, 0.05).to(_dtype(dt))
+        main_grad = torch.zeros(V, H)
+        full = best(lambda: torch.mm(h, w.t()))
+        full_rate = 2.0 * T * H * V / full
+        for c in chunks:
+            hc, yc = h[:c].contiguous(), torch.randint(0, V, (c,))
+            mm = best(lambda: torch.mm(hc, w.t()))
+            m, s, _, z = be.fused_loss_logits(hc, w, yc, 0)
+            lse, coef, gh = m + s.log(), torch.full((c,), 0.01), torch.empty(c, H)
+
+            def fused() -> None:
+                be.fused_loss_logits(hc, w, yc, 0, workspace=z)
+                be.fused_loss_grads(hc, w, yc, lse, coef, z, 0, gh, main_grad)
+
+            t = best(fused)
+            frac = 3 * 2.0 * c * H * V / full_rate / t
+            print(f"| {dt} | {c} | {c * V * 4 / 2**20:.0f} | {2.0 * c * H * V / mm / 1e9:.0f} | "
+                  f"{2.0 * c * H * V / mm / full_rate:.2f} | {t * 1e3:.0f} | {t / (3 * mm):.2f} | {frac:.2f} |", flush=True)
+            print(f"RESULT cpu_{dt}_chunk{c}_mm_rate_fraction {2.0 * c * H * V / mm / full_rate:.2f} x")
+            print(f"RESULT cpu_{dt}_chunk{c}_projected_floor_fraction {frac:.2f} x")
+        print(f"({dt}: torch.mm on all {T} tokens {full_rate / 1e9:.0f} GFLOP/s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,8 +338,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight-gradient setting(s) of the fwd+bwd rows (default both; see the docstring)")
     ap.add_argument("--dtype", choices=("both", "float32", "bfloat16"), default="both", help="CPU dtypes (full run)")
     ap.add_argument("--mode", choices=("both", "fwd", "fwd_bwd"), default="both")
-    ap.add_argument("--what", choices=("all", "logprob", "loss"), default="all",
-                    help="the log-prob op rows, the DAPO-loss rows, or both (default)")
+    ap.add_argument("--what", choices=("all", "logprob", "loss", "chunks"), default="all",
+                    help="the log-prob op rows, the DAPO-loss rows, or both (default); chunks: the fused loss's "
+                         "kernels on one token chunk of several sizes against torch.mm on the same chunk")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(run_case(Case(**json.loads(args.worker)))))
@@ -298,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    if args.what == "chunks":
+        chunk_profile(("float32", "bfloat16") if args.dtype == "both" else (args.dtype,))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
           f"{Path('/proc/loadavg').read_text().split()[:3] if Path('/proc/loadavg').exists() else '?'}", flush=True)
     print(table([]))
@@ -320,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         for dt in (("float32",) if args.quick else dtypes):
             T = 512 if args.quick else 2048
             loss_rows.append(compare_loss(T, 896, 151936, dt, "cpu", warmup=0 if args.quick else 1, repeats=1,
-                                          rounds=1 if args.quick else 2))
+                                          rounds=1 if args.quick else 3))
     gpu_rows = []
     if torch.cuda.is_available() and not args.quick:
         for H in (3584, 8192):
