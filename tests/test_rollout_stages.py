@@ -117,7 +117,7 @@ def test_mc_kill_and_resume_gives_same_records(toy, solutions, tmp_path):
     """SIGKILL the mc stage after some shards, leave a stray temp file, resume: the records equal
     an uninterrupted run's (no state lost or duplicated)."""
     cfg = mc_cfg(toy, shard_size=2, batch_requests=1)
-    run_mc(cfg, solutions / "gen", tmp_path / "full")
+    full_summary = run_mc(cfg, solutions / "gen", tmp_path / "full")
     full = list(iter_records(tmp_path / "full"))
     n_shards = load_manifest(tmp_path / "full")["num_shards"]
     assert n_shards >= 4
@@ -146,17 +146,26 @@ def test_mc_kill_and_resume_gives_same_records(toy, solutions, tmp_path):
     assert summary["shards_computed"] == n_shards - len(m["shards"])
     resumed = list(iter_records(out))
     assert resumed == full
-    # a re-run of a finished stage computes nothing
-    assert run_mc(cfg, solutions / "gen", out)["shards_computed"] == 0
+    # the summary counts the whole output, the killed run's shards too (the RFT budget and the report's
+    # token accounting read it); only the cache hits may differ (the resumed engine starts cold)
+    for key in ("samples", "prompt_tokens", "completion_tokens"):
+        assert summary["throughput"][key] == full_summary["throughput"][key], key
+    assert summary["verifier"] == full_summary["verifier"]
+    assert summary["counted_shards"] == n_shards
+    # a re-run of a finished stage computes nothing and still counts everything
+    again = run_mc(cfg, solutions / "gen", out)
+    assert again["shards_computed"] == 0 and again["throughput"]["samples"] == full_summary["throughput"]["samples"]
 
 
 def test_generate_resume_after_lost_shard(toy, solutions, tmp_path):
     probs = solutions / "problems.jsonl"
-    run_generate(gen_cfg(toy, probs), tmp_path / "g")
+    first = run_generate(gen_cfg(toy, probs), tmp_path / "g")
     before = list(iter_records(tmp_path / "g"))
     (tmp_path / "g" / "shard-00001.parquet").unlink()
     s = run_generate(gen_cfg(toy, probs), tmp_path / "g")
     assert s["shards_computed"] == 1 and list(iter_records(tmp_path / "g")) == before
+    assert s["verifier"] == first["verifier"]                  # counts the reused shards too
+    assert s["throughput"]["completion_tokens"] == first["throughput"]["completion_tokens"]
     assert before == list(iter_records(solutions / "gen"))     # same config, other dir: same records
 
 

@@ -154,14 +154,17 @@ class ShardedWriter:
             atomic_write_json(self.dir / MANIFEST, self.manifest)
         return ok
 
-    def write_shard(self, idx: int, records: list[dict]) -> None:
-        """Atomically write shard ``idx`` and record it in the manifest."""
+    def write_shard(self, idx: int, records: list[dict], counts: dict | None = None) -> None:
+        """Atomically write shard ``idx`` and record it in the manifest (with ``counts``, the work that made
+        it, e.g. generated tokens, kept in its entry so that a resumed stage can still count all of it)."""
         path = self.shard_path(idx)
         data = _encode_records(records, self.fmt)
         atomic_write_bytes(path, data)
         self.manifest["shards"][self.key(idx)] = {
             "file": path.name, "records": len(records),
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        if counts is not None:
+            self.manifest["shards"][self.key(idx)]["counts"] = counts
         atomic_write_json(self.dir / MANIFEST, self.manifest)
 
     def finalize(self, num_shards: int, summary: dict | None = None) -> None:

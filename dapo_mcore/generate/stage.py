@@ -18,7 +18,8 @@ from dapo_mcore.config import identity, option
 from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT, PromptTemplate, read_problems
 from dapo_mcore.data.shards import ShardedWriter, file_sha256
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
-from dapo_mcore.rollout.common import RolloutConfig, RolloutMeter, finish_stage, make_backend, run_sharded
+from dapo_mcore.rollout.common import (RolloutConfig, RolloutMeter, finish_stage, make_backend, run_sharded,
+                                       stage_counts, whole_throughput)
 from dapo_mcore.verify import make_verifier
 
 
@@ -86,11 +87,13 @@ def run_generate(cfg: GenerateConfig, out_dir: str | Path, backend=None, overwri
                               for i in kept]})
         return records
 
+    counted = {"throughput": meter, "verifier": verifier.stats}
     n_shards, n_done = run_sharded("generate", pset.problems, writer, shard_size=cfg.shard_size,
                                    batch_size=cfg.batch_requests, backend=backend,
                                    open_backend=lambda: make_backend(cfg.backend, cfg.model_path), process=process,
-                                   meter=meter, show_progress=cfg.show_progress)
+                                   meter=meter, show_progress=cfg.show_progress, counted=counted)
+    totals = stage_counts(writer, counted)
     summary = {"stage": "generate", "problems": len(pset.problems), "bad_rows_skipped": pset.n_skipped,
-               "shards": n_shards, "shards_computed": n_done, "verifier": verifier.stats.as_dict(),
-               "throughput": meter.summary()}
+               "shards": n_shards, "shards_computed": n_done, "counted_shards": totals["counted_shards"],
+               "verifier": totals["verifier"], "throughput": whole_throughput(meter, totals["throughput"])}
     return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)

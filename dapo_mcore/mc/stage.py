@@ -28,7 +28,8 @@ from typing import Optional
 from dapo_mcore.config import identity, option
 from dapo_mcore.data.shards import ShardedWriter, input_identity, iter_records
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams, seed_from_id
-from dapo_mcore.rollout.common import RolloutConfig, RolloutMeter, finish_stage, make_backend, run_sharded
+from dapo_mcore.rollout.common import (RolloutConfig, RolloutMeter, finish_stage, make_backend, run_sharded,
+                                       stage_counts, whole_throughput)
 from dapo_mcore.rollout.segment import TokenBytes, first_step
 from dapo_mcore.rollout.states import State, StateStats, build_states
 from dapo_mcore.verify import make_verifier
@@ -129,12 +130,15 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
             records.append(state_record(st, sum(c["reward"] for c in comps) / len(comps), comps, acts))
         return records
 
+    counted = {"throughput": meter, "one_step": one_meter, "verifier": verifier.stats}
     n_shards, n_done = run_sharded("mc", states, writer, shard_size=cfg.shard_size, batch_size=cfg.batch_requests,
                                    backend=backend, open_backend=lambda: make_backend(cfg.backend, cfg.model_path),
-                                   process=process, meter=meter, show_progress=cfg.show_progress)
+                                   process=process, meter=meter, show_progress=cfg.show_progress, counted=counted)
+    totals = stage_counts(writer, counted)
     summary = {"stage": "mc", "states": len(states), "terminal_states": sum(st.terminal for st, _ in states),
                "state_stats": asdict(sstats), "shards": n_shards, "shards_computed": n_done,
-               "verifier": verifier.stats.as_dict(), "throughput": meter.summary()}
+               "counted_shards": totals["counted_shards"], "verifier": totals["verifier"],
+               "throughput": whole_throughput(meter, totals["throughput"])}
     if cfg.num_actions:
-        summary["one_step"] = one_meter.summary()
+        summary["one_step"] = whole_throughput(one_meter, totals["one_step"])
     return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)

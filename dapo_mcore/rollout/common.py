@@ -100,14 +100,46 @@ def throughput_note(summary: dict) -> str:
             f"{th.get('tokens_per_s', 0):.0f} tok/s, prefix cache {th.get('cache_hit_rate', 0):.0%}")
 
 
+def _counts(obj) -> dict[str, int]:
+    """The integer counters of a :class:`RolloutMeter` or a verifier's ``VerifierStats``."""
+    return {k: v for k, v in asdict(obj).items() if isinstance(v, int)}
+
+
+def stage_counts(writer, counted: dict) -> dict[str, dict[str, int]]:
+    """The counters of ``counted`` (name -> meter/stats) summed over EVERY shard of the stage, those computed
+    now and those a previous, interrupted run wrote (each shard's manifest entry keeps its own counts), so a
+    resumed stage's summary counts its whole output, not just the last invocation's part. A shard written
+    without counts (an older run) adds nothing; ``counted_shards`` says how many were counted."""
+    shards = writer.manifest["shards"].values()
+    out = {name: {k: 0 for k in _counts(obj)} for name, obj in counted.items()}
+    for entry in shards:
+        for name, c in (entry.get("counts") or {}).items():
+            if name in out:
+                for k, v in c.items():
+                    out[name][k] = out[name].get(k, 0) + int(v)
+    out["counted_shards"] = sum(1 for e in shards if e.get("counts"))
+    return out
+
+
+def whole_throughput(meter: RolloutMeter, totals: dict[str, int]) -> dict:
+    """``meter.summary()`` (rates and seconds: this invocation's) with the counts of the whole stage."""
+    d = meter.summary()
+    d.update(totals)
+    d["cache_hit_rate"] = d["cached_tokens"] / d["prompt_tokens"] if d["prompt_tokens"] else 0.0
+    d["rates_cover"] = "the shards computed in this invocation"
+    return d
+
+
 def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: int, backend, open_backend,
-                process, meter: RolloutMeter, show_progress: bool) -> tuple[int, int]:
+                process, meter: RolloutMeter, show_progress: bool, counted: dict | None = None) -> tuple[int, int]:
     """The skeleton shared by the rollout stages: split ``items`` into shards of ``shard_size``, skip the
     shards ``writer`` (a :class:`~dapo_mcore.data.shards.ShardedWriter`) already holds, and for each other
     shard call ``process(backend, batch) -> records`` on batches of ``batch_size`` items and write the records
     as one shard (atomic; an interrupted run resumes at the first missing shard). ``backend`` None:
-    ``open_backend()`` makes one, only if there is work, and it is closed at the end.
-    Returns ``(number of shards, shards computed now)``."""
+    ``open_backend()`` makes one, only if there is work, and it is closed at the end. ``counted`` (name ->
+    meter or verifier stats, fed by ``process``): each shard's share of their counters is stored with the
+    shard (:func:`stage_counts` sums them). Returns ``(number of shards, shards computed now)``."""
+    counted = counted or {"throughput": meter}
     shards = chunk(items, shard_size)
     todo = [i for i in range(len(shards)) if not writer.is_done(i)]
     own_backend = backend is None and bool(todo)
@@ -116,12 +148,13 @@ def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: 
     bar = progress(sum(len(shards[i]) for i in todo), desc, disable=not show_progress)
     try:
         for si in todo:
-            records = []
+            records, before = [], {name: _counts(obj) for name, obj in counted.items()}
             for batch in chunk(shards[si], batch_size):
                 records.extend(process(backend, batch))
                 bar.update(len(batch))
                 bar.set_postfix(meter.postfix())
-            writer.write_shard(si, records)
+            counts = {name: {k: v - before[name][k] for k, v in _counts(obj).items()} for name, obj in counted.items()}
+            writer.write_shard(si, records, counts=counts)
     finally:
         bar.close()
         if own_backend:
