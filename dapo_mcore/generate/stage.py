@@ -95,5 +95,6 @@ def run_generate(cfg: GenerateConfig, out_dir: str | Path, backend=None, overwri
     totals = stage_counts(writer, counted)
     summary = {"stage": "generate", "problems": len(pset.problems), "bad_rows_skipped": pset.n_skipped,
                "shards": n_shards, "shards_computed": n_done, "counted_shards": totals["counted_shards"],
-               "verifier": totals["verifier"], "throughput": whole_throughput(meter, totals["throughput"])}
+               "verifier": {**verifier.stats.as_dict(), **totals["verifier"]},
+               "throughput": whole_throughput(meter, totals["throughput"])}
     return finish_stage(writer, out_dir, n_shards, summary, cfg.show_progress)

@@ -137,7 +137,8 @@ def run_mc(cfg: MCConfig, in_dir: str | Path, out_dir: str | Path, backend=None,
     totals = stage_counts(writer, counted)
     summary = {"stage": "mc", "states": len(states), "terminal_states": sum(st.terminal for st, _ in states),
                "state_stats": asdict(sstats), "shards": n_shards, "shards_computed": n_done,
-               "counted_shards": totals["counted_shards"], "verifier": totals["verifier"],
+               "counted_shards": totals["counted_shards"],
+               "verifier": {**verifier.stats.as_dict(), **totals["verifier"]},
                "throughput": whole_throughput(meter, totals["throughput"])}
     if cfg.num_actions:
         summary["one_step"] = whole_throughput(one_meter, totals["one_step"])

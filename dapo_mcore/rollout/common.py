@@ -100,9 +100,22 @@ def throughput_note(summary: dict) -> str:
             f"{th.get('tokens_per_s', 0):.0f} tok/s, prefix cache {th.get('cache_hit_rate', 0):.0%}")
 
 
-def _counts(obj) -> dict[str, int]:
-    """The integer counters of a :class:`RolloutMeter` or a verifier's ``VerifierStats``."""
-    return {k: v for k, v in asdict(obj).items() if isinstance(v, int)}
+def _counts(obj) -> dict:
+    """The counters of a :class:`RolloutMeter` or a verifier's stats: its int fields and dicts of ints (e.g. the
+    code verifier's per-verdict ``programs``)."""
+    def count(x) -> bool:
+        return type(x) is int   # not bool
+
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in asdict(obj).items()
+            if count(v) or (isinstance(v, dict) and v and all(count(x) for x in v.values()))}
+
+
+def _combine(a: dict, b: dict, sign: int) -> dict:
+    """``a + sign * b`` over the keys of both, recursing into dicts of counts."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _combine(out.get(k) or {}, v, sign) if isinstance(v, dict) else out.get(k, 0) + sign * int(v)
+    return out
 
 
 def stage_counts(writer, counted: dict) -> dict[str, dict[str, int]]:
@@ -111,12 +124,11 @@ def stage_counts(writer, counted: dict) -> dict[str, dict[str, int]]:
     resumed stage's summary counts its whole output, not just the last invocation's part. A shard written
     without counts (an older run) adds nothing; ``counted_shards`` says how many were counted."""
     shards = writer.manifest["shards"].values()
-    out = {name: {k: 0 for k in _counts(obj)} for name, obj in counted.items()}
+    out = {name: _combine(_counts(obj), _counts(obj), -1) for name, obj in counted.items()}   # zeros, same keys
     for entry in shards:
         for name, c in (entry.get("counts") or {}).items():
             if name in out:
-                for k, v in c.items():
-                    out[name][k] = out[name].get(k, 0) + int(v)
+                out[name] = _combine(out[name], c, 1)
     out["counted_shards"] = sum(1 for e in shards if e.get("counts"))
     return out
 
@@ -153,7 +165,7 @@ def run_sharded(desc: str, items: list, writer, *, shard_size: int, batch_size: 
                 records.extend(process(backend, batch))
                 bar.update(len(batch))
                 bar.set_postfix(meter.postfix())
-            counts = {name: {k: v - before[name][k] for k, v in _counts(obj).items()} for name, obj in counted.items()}
+            counts = {name: _combine(_counts(obj), before[name], -1) for name, obj in counted.items()}
             writer.write_shard(si, records, counts=counts)
     finally:
         bar.close()
