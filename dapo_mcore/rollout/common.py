@@ -118,13 +118,14 @@ def _combine(a: dict, b: dict, sign: int) -> dict:
     return out
 
 
-def stage_counts(writer, counted: dict) -> dict[str, dict[str, int]]:
+def stage_counts(writer, counted: dict) -> dict:
     """The counters of ``counted`` (name -> meter/stats) summed over EVERY shard of the stage, those computed
     now and those a previous, interrupted run wrote (each shard's manifest entry keeps its own counts), so a
-    resumed stage's summary counts its whole output, not just the last invocation's part. A shard written
-    without counts (an older run) adds nothing; ``counted_shards`` says how many were counted."""
+    resumed stage's summary counts its whole output, not just the last invocation's part. Returns
+    ``{name: counts}`` per entry of ``counted`` plus ``counted_shards`` (int): a shard written without counts
+    (an older run) adds nothing, and this says how many were counted."""
     shards = writer.manifest["shards"].values()
-    out = {name: _combine(_counts(obj), _counts(obj), -1) for name, obj in counted.items()}   # zeros, same keys
+    out: dict = {name: _combine(_counts(obj), _counts(obj), -1) for name, obj in counted.items()}  # zeros, same keys
     for entry in shards:
         for name, c in (entry.get("counts") or {}).items():
             if name in out:
