@@ -4,17 +4,21 @@
 // 2*T*H*V in all (6*T*H*V), no recompute.
 //
 // Flat path (fp32, fp64, and bf16 where the library's bf16 GEMM is fast, i.e. AMX CPUs): the chunk's
-// logits are one row-major [T, V] matrix z in the caller's buffer, and every GEMM is ONE library call on
-// the whole chunk, threaded by the library, so it runs at torch.mm's own rate (the floor the benchmark
+// logits are one row-major z^T [V, T] in the caller's buffer, and every GEMM is ONE library call on the
+// whole chunk, threaded by the library, so it runs at torch.mm's own rate (the floor the benchmark
 // measures): fp32/fp64 through at::mm_out / addmm_ (MKL), bf16 through MKL's cblas_gemm_bf16bf16f32
-// (csrc/panel_gemm.h: AMX tiles, fp32 accumulation and output):
-//   fused_loss_logits: z = h @ W^T, then per token row (row-parallel) max, sum-exp and the target logit;
+// (csrc/panel_gemm.h: fp32 accumulation and output):
+//   fused_loss_logits: z^T = W @ h^T, then (row blocks in parallel) per token max, sum-exp, target logit;
 //   fused_loss_grads: per row G = coef * (onehot(y) - exp(z - lse)) in place (bf16: rounded to bf16 and
 //     written narrow into the first half of the same row, so no second buffer), then grad_h = G @ W and
 //     grad_W += G^T @ h (beta = 1: straight into Megatron's fp32 main_grad).
-// Blocked path (bf16 without AMX, fp16): z^T blocks [block_v, T], threads take vocab blocks dynamically,
-// single-threaded GEMMs per block: the AVX512-BF16 panel GEMM of csrc/panel_gemm.h, or blocks upcast to
-// fp32 + MKL. G is rounded to bf16 for the two gradient GEMMs on both bf16 paths, as on GPU tensor cores.
+// Panel path (bf16 where the library's bf16 GEMM is slow, i.e. CPUs without AMX): threads take vocab
+// blocks dynamically, single-threaded packed-panel GEMMs per block (csrc/panel_gemm.h: our AVX512-BF16
+// kernel, or oneDNN's brgemm), the block's logits in a per-thread fp32 tile; the workspace keeps
+// E = exp(z - block max) in bf16 (half the bytes of fp32 logits per token, so twice the tokens per chunk
+// for the same memory) and the gradients are computed from it in place.
+// Blocked path (fp16, or bf16 without a bf16 GEMM engine): z^T blocks [block_v, T] upcast to fp32 + MKL.
+// G is rounded to bf16 for the two gradient GEMMs on the bf16 paths, as on GPU tensor cores.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -60,37 +64,49 @@ void check(const Tensor& hidden, const Tensor& weight, const Tensor& targets, in
 
 int64_t n_blocks(int64_t V, int64_t block_v) { return (V + block_v - 1) / block_v; }
 
-// Elements of z for T tokens: block b's z^T rows [vc, T] start at b * block_v * T.
-int64_t z_numel(int64_t T, int64_t V, int64_t block_v) { return n_blocks(V, block_v) * block_v * T; }
-
-void check_z(const Tensor& z, const Tensor& hidden, int64_t V, int64_t block_v) {
-  TORCH_CHECK(z.dim() == 1 && z.is_contiguous() && z.scalar_type() == acc_type(hidden) &&
-                  z.numel() >= z_numel(hidden.size(0), V, block_v),
-              "fused_loss: z must be a contiguous 1-D ", acc_type(hidden), " buffer of >= ",
-              z_numel(hidden.size(0), V, block_v), " elements, got ", z.scalar_type(), " ", z.sizes());
-}
-
 bool fast_bf16(const Tensor& hidden) {
   return hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && panel::available();
 }
 
+// The flat path (file comment) applies: dtypes whose GEMM the library runs at torch.mm's rate.
+bool flat_path(const Tensor& hidden) {
+  const auto st = hidden.scalar_type();
+  return st == at::kFloat || st == at::kDouble || (st == at::kBFloat16 && panel::library_gemm_fast());
+}
+
+// The panel path (file comment): bf16 on our packed-panel GEMM where the library's bf16 GEMM is slow.
+bool panel_path(const Tensor& hidden) { return !flat_path(hidden) && fast_bf16(hidden); }
+
+int64_t even(int64_t n) { return n + (n & 1); }
+
+// fp32 words of the workspace z for T tokens. Flat / blocked: the fp32 logits z^T, block b's rows [vc, T]
+// at b * block_v * T. Panel: E = exp(z - m_b) in bf16, [n_blocks * block_v, Te] (Te = T rounded up to
+// even: its rows are the K = Te operand of the weight-gradient GEMM), then the block maxima m_b fp32
+// [n_blocks, T]: about half the bytes per token.
+int64_t z_numel(const Tensor& hidden, int64_t T, int64_t V, int64_t block_v) {
+  if (panel_path(hidden)) return n_blocks(V, block_v) * (block_v * even(T) / 2 + T);
+  return n_blocks(V, block_v) * block_v * T;
+}
+
+void check_z(const Tensor& z, const Tensor& hidden, int64_t V, int64_t block_v) {
+  const int64_t need = z_numel(hidden, hidden.size(0), V, block_v);
+  TORCH_CHECK(z.dim() == 1 && z.is_contiguous() && z.scalar_type() == acc_type(hidden) && z.numel() >= need,
+              "fused_loss: z must be a contiguous 1-D ", acc_type(hidden), " buffer of >= ", need,
+              " elements, got ", z.scalar_type(), " ", z.sizes());
+}
+
+// Blocked path (fp16, or bf16 without a bf16 GEMM engine): blocks upcast to fp32 + single-threaded MKL.
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> logits_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                                int64_t vocab_start, int64_t block_v, Tensor& z) {
   const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type(hidden);
   const auto opts = hidden.options().dtype(acc);
-  const bool fast = fast_bf16(hidden);
-  const bool upcast = weight.scalar_type() != acc && !fast;
-  Tensor h = fast ? hidden.detach().contiguous() : hidden.detach().to(acc).contiguous();
+  const bool upcast = weight.scalar_type() != acc;
+  Tensor h = hidden.detach().to(acc).contiguous();
   Tensor w = weight.detach().contiguous();
   const int64_t* y = targets.data_ptr<int64_t>();
   acc_t* zp = z.data_ptr<acc_t>();
-  Tensor hT;  // bf16: B = h^T (K = H, N = T) packed once for all blocks
-  if (fast) {
-    hT = at::empty({panel::packed_words(H, T)}, at::kInt);
-    panel::pack(u16(h), H, H, T, /*rows_are_n=*/true, u32(hT));
-  }
   cpu::ThreadLse<acc_t> lse(T, at::get_num_threads());
   Tensor tgt = at::zeros({T}, opts);
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
@@ -108,23 +124,15 @@ std::tuple<Tensor, Tensor, Tensor> logits_blocked(const Tensor& hidden, const Te
       [&](State& st, int64_t c) {
         const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
         acc_t* zt = zp + c * block_v * T;  // z^T of this block: [vc, T]
-        if (fast) {
-          if constexpr (std::is_same_v<acc_t, float>)
-            panel::gemm(vc, T, H, u16(w) + v0 * H, H, u32(hT), zt, T, false);
-        } else {
-          Tensor wc = w.narrow(0, v0, vc);
-          if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);
-          Tensor out = z.narrow(0, c * block_v * T, vc * T).view({vc, T});
-          at::mm_out(out, wc, h.t());
-        }
+        Tensor wc = w.narrow(0, v0, vc);
+        if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);
+        Tensor out = z.narrow(0, c * block_v * T, vc * T).view({vc, T});
+        at::mm_out(out, wc, h.t());
         lse.update_columns(st.tid, zt, vc, st.bm.data());
         for (int64_t t = 0; t < T; ++t) {
           const int64_t col = y[t] - vocab_start - v0;
           if (col >= 0 && col < vc) tgt_p[t] = zt[col * T + t];  // exactly one block owns the target
         }
-      },
-      [&](State&) {
-        if (fast) panel::release();
       });
 
   auto [out_max, out_sum] = lse.merge(opts);
@@ -138,10 +146,9 @@ void grads_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& tar
   const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = acc_type(hidden);
   const auto opts = hidden.options().dtype(acc);
-  const bool fast = fast_bf16(hidden);
-  const bool upcast = weight.scalar_type() != acc && !fast;
+  const bool upcast = weight.scalar_type() != acc;
   const bool want_h = grad_hidden.defined(), want_w = grad_weight.defined();
-  Tensor h = fast ? hidden.detach().contiguous() : hidden.detach().to(acc).contiguous();
+  Tensor h = hidden.detach().to(acc).contiguous();
   Tensor w = weight.detach().contiguous();
   Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
   const int64_t* y = targets.data_ptr<int64_t>();
@@ -150,15 +157,9 @@ void grads_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& tar
   acc_t* zp = z.data_ptr<acc_t>();
   const int nthreads = at::get_num_threads();
   Tensor gh_parts = want_h ? at::zeros({nthreads, T, H}, opts) : Tensor();
-  const int64_t Te = T + (T & 1), vce = block_v + (block_v & 1);  // even K of the two bf16 GEMMs
-  Tensor h_pairs;  // bf16: B = h (K = T, N = H) packed once, for G^T @ h
-  if (fast && want_w) {
-    h_pairs = at::empty({panel::packed_words(Te, H)}, at::kInt);
-    panel::pack(u16(h), H, T, H, /*rows_are_n=*/false, u32(h_pairs));
-  }
 
   struct State {
-    Tensor gh, wbuf, gt16, g16, w_pairs;
+    Tensor gh, wbuf;
   };
   for_each_chunk(
       n_blocks(V, block_v),
@@ -166,13 +167,6 @@ void grads_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& tar
         State st;
         if (want_h) st.gh = gh_parts[at::get_thread_num()];
         if (upcast) st.wbuf = at::empty({block_v * H}, opts);
-        if (fast) {
-          st.gt16 = at::empty({block_v * Te}, at::kBFloat16);
-          if (want_h) {
-            st.g16 = at::empty({T * vce}, at::kBFloat16);
-            st.w_pairs = at::empty({panel::packed_words(vce, H)}, at::kInt);
-          }
-        }
         return st;
       },
       [&](State& st, int64_t c) {
@@ -187,31 +181,6 @@ void grads_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& tar
           const int64_t col = y[t] - vocab_start - v0;
           if (y[t] >= 0 && col >= 0 && col < vc) gt[col * T + t] += coef_p[t];
         }
-        if (fast) {
-          if constexpr (std::is_same_v<acc_t, float>) {
-            uint16_t* g16t = u16m(st.gt16);  // G^T in bf16 [vc, Te]
-            for (int64_t v = 0; v < vc; ++v) {
-              const float* row = gt + v * T;
-              uint16_t* out = g16t + v * Te;
-#pragma omp simd
-              for (int64_t t = 0; t < T; ++t) out[t] = c10::detail::round_to_nearest_even(row[t]);
-              if (Te != T) out[T] = 0;
-            }
-            if (want_w)
-              panel::gemm(vc, H, Te, g16t, Te, u32(h_pairs), grad_weight.data_ptr<float>() + v0 * H, H, true);
-            if (want_h) {
-              const int64_t vk = vc + (vc & 1);
-              uint16_t* g = u16m(st.g16);  // G in bf16 [T, vk]
-              for (int64_t v = 0; v < vc; ++v)
-                for (int64_t t = 0; t < T; ++t) g[t * vk + v] = g16t[v * Te + t];
-              if (vk != vc)
-                for (int64_t t = 0; t < T; ++t) g[t * vk + vc] = 0;
-              panel::pack(u16(w) + v0 * H, H, vc, H, /*rows_are_n=*/false, u32(st.w_pairs));
-              panel::gemm(T, H, vk, g, vk, u32(st.w_pairs), st.gh.template data_ptr<float>(), H, true);
-            }
-          }
-          return;
-        }
         Tensor Gt = z.narrow(0, c * block_v * T, vc * T).view({vc, T});
         if (want_w) {
           Tensor gwc = grad_weight.narrow(0, v0, vc);
@@ -222,18 +191,149 @@ void grads_blocked(const Tensor& hidden, const Tensor& weight, const Tensor& tar
           if (upcast) wc = tile(st.wbuf, vc, H).copy_(wc);
           st.gh.addmm_(Gt.t(), wc);
         }
-      },
-      [&](State&) {
-        if (fast) panel::release();
       });
   if (want_h) at::sum_out(const_cast<Tensor&>(grad_hidden), gh_parts, {0});
 }
 
+// Panel path, logits: per vocab block (threads take blocks dynamically) z^T [vc, T] = W_b @ h^T on the
+// packed-panel GEMM into a per-thread fp32 tile (in L2), the block's per-token max m_b and the target
+// logits from it, then E = exp(z - m_b) rounded to bf16 into the workspace, summed in fp32 (so the
+// statistics are those of the fp32 logits). E in bf16 carries p = E * exp(m_b - lse) to bf16 precision,
+// the precision G is rounded to for the gradient GEMMs anyway.
+std::tuple<Tensor, Tensor, Tensor> logits_panel(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                                int64_t vocab_start, int64_t block_v, Tensor& z) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0), Te = even(T);
+  const int64_t nb = n_blocks(V, block_v);
+  const auto opts = hidden.options().dtype(at::kFloat);
+  Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  uint16_t* E = reinterpret_cast<uint16_t*>(z.data_ptr<float>());
+  float* Mb = z.data_ptr<float>() + nb * block_v * Te / 2;
+  Tensor hT = at::empty({panel::packed_words(H, T)}, at::kInt);  // B = h^T (K = H, N = T), packed once
+  panel::pack(u16(h), H, H, T, /*rows_are_n=*/true, u32(hT));
+  cpu::ThreadLse<float> lse(T, at::get_num_threads());
+  Tensor tgt = at::zeros({T}, opts);
+  float* tgt_p = tgt.data_ptr<float>();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The flat path (file comment) applies: dtypes whose GEMM the library runs at torch.mm's rate.
-bool flat_path(const Tensor& hidden) {
-  const auto st = hidden.scalar_type();
-  return st == at::kFloat || st == at::kDouble || (st == at::kBFloat16 && panel::library_gemm_fast());
+  struct State {
+    int tid;
+    std::vector<float> zt, bs;
+  };
+  for_each_chunk(
+      nb, [&] { return State{at::get_thread_num(), std::vector<float>(block_v * T), std::vector<float>(T)}; },
+      [&](State& st, int64_t c) {
+        const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
+        float* zt = st.zt.data();
+        float* bm = Mb + c * T;
+        float* bs = st.bs.data();
+        panel::gemm(vc, T, H, u16(w) + v0 * H, H, u32(hT), zt, T, false);
+        std::fill(bm, bm + T, kNegInf);
+        for (int64_t v = 0; v < vc; ++v) {
+          const float* row = zt + v * T;
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) bm[t] = std::max(bm[t], row[t]);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t col = y[t] - vocab_start - v0;
+          if (col >= 0 && col < vc) tgt_p[t] = zt[col * T + t];  // exactly one block owns the target
+        }
+        std::fill(bs, bs + T, 0.0f);
+        for (int64_t v = 0; v < vc; ++v) {
+          const float* row = zt + v * T;
+          uint16_t* out = E + (v0 + v) * Te;
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) {
+            const float e = exp_f32(row[t] - bm[t]);
+            bs[t] += e;
+            out[t] = c10::detail::round_to_nearest_even(e);
+          }
+          if (Te != T) out[T] = 0;
+        }
+        lse.fold(st.tid, bm, bs);
+      },
+      [&](State&) { panel::release(); });
+  auto [out_max, out_sum] = lse.merge(opts);
+  return {out_max, out_sum, tgt};
+}
+
+// Panel path, gradients: per vocab block, G^T = bf16(-coef * exp(m_b - lse) * E) in place over E (plus
+// coef at each token's target, from E before it is overwritten), then grad_W[v0:v0+vc] += G^T @ h straight
+// from those rows (K = Te) and, per thread, grad_h += G @ W_b (G transposed, W_b packed per block).
+void grads_panel(const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& lse_in,
+                 const Tensor& coef_in, Tensor& z, int64_t vocab_start, int64_t block_v, const Tensor& grad_hidden,
+                 const Tensor& grad_weight) {
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0), Te = even(T);
+  const int64_t nb = n_blocks(V, block_v), vce = even(block_v);
+  const auto opts = hidden.options().dtype(at::kFloat);
+  const bool want_h = grad_hidden.defined(), want_w = grad_weight.defined();
+  Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
+  Tensor lse = lse_in.to(at::kFloat).contiguous(), coef = coef_in.to(at::kFloat).contiguous();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* coef_p = coef.data_ptr<float>();
+  uint16_t* E = reinterpret_cast<uint16_t*>(z.data_ptr<float>());
+  const float* Mb = z.data_ptr<float>() + nb * block_v * Te / 2;
+  const int nthreads = at::get_num_threads();
+  Tensor gh_parts = want_h ? at::zeros({nthreads, T, H}, opts) : Tensor();
+  Tensor h_pairs;  // B = h (K = T, N = H) packed once, for G^T @ h
+  if (want_w) {
+    h_pairs = at::empty({panel::packed_words(Te, H)}, at::kInt);
+    panel::pack(u16(h), H, T, H, /*rows_are_n=*/false, u32(h_pairs));
+  }
+
+  struct State {
+    Tensor gh, g16, w_pairs;
+    std::vector<float> sc;
+    std::vector<std::pair<int64_t, float>> hits;  // (index into the block, G) at the block's targets
+  };
+  for_each_chunk(
+      nb,
+      [&] {
+        State st;
+        st.sc.resize(Te);
+        if (want_h) {
+          st.gh = gh_parts[at::get_thread_num()];
+          st.g16 = at::empty({T * vce}, at::kBFloat16);
+          st.w_pairs = at::empty({panel::packed_words(vce, H)}, at::kInt);
+        }
+        return st;
+      },
+      [&](State& st, int64_t c) {
+        const int64_t v0 = c * block_v, vc = std::min(block_v, V - v0);
+        uint16_t* gt = E + v0 * Te;  // E -> G^T in place: [vc, Te] bf16
+        const float* bm = Mb + c * T;
+        float* sc = st.sc.data();
+#pragma omp simd
+        for (int64_t t = 0; t < T; ++t) sc[t] = -coef_p[t] * exp_f32(bm[t] - lse_p[t]);
+        if (Te != T) sc[T] = 0.0f;
+        st.hits.clear();
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t col = y[t] - vocab_start - v0;
+          if (y[t] >= 0 && col >= 0 && col < vc)
+            st.hits.emplace_back(col * Te + t, coef_p[t] + sc[t] * c10::detail::f32_from_bits(gt[col * Te + t]));
+        }
+        for (int64_t v = 0; v < vc; ++v) {
+          uint16_t* row = gt + v * Te;
+#pragma omp simd
+          for (int64_t t = 0; t < Te; ++t)
+            row[t] = c10::detail::round_to_nearest_even(sc[t] * c10::detail::f32_from_bits(row[t]));
+        }
+        for (const auto& [i, g] : st.hits) gt[i] = c10::detail::round_to_nearest_even(g);
+        if (want_w) panel::gemm(vc, H, Te, gt, Te, u32(h_pairs), grad_weight.data_ptr<float>() + v0 * H, H, true);
+        if (want_h) {
+          const int64_t vk = even(vc);
+          uint16_t* g = u16m(st.g16);  // G in bf16 [T, vk]
+          for (int64_t v = 0; v < vc; ++v)
+            for (int64_t t = 0; t < T; ++t) g[t * vk + v] = gt[v * Te + t];
+          if (vk != vc)
+            for (int64_t t = 0; t < T; ++t) g[t * vk + vc] = 0;
+          panel::pack(u16(w) + v0 * H, H, vc, H, /*rows_are_n=*/false, u32(st.w_pairs));
+          panel::gemm(T, H, vk, g, vk, u32(st.w_pairs), st.gh.data_ptr<float>(), H, true);
+        }
+      },
+      [&](State&) { panel::release(); });
+  if (want_h) at::sum_out(const_cast<Tensor&>(grad_hidden), gh_parts, {0});
 }
 
 // The flat path keeps z^T [V, T] (W @ h^T is the faster orientation of both BLAS calls, measured) and
@@ -366,9 +466,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_loss_logits(const Tensor& hidden, const
                                                      Tensor& z) {
   check(hidden, weight, targets, block_v);
   check_z(z, hidden, weight.size(0), block_v);
-  const bool flat = flat_path(hidden);
   if (hidden.scalar_type() == at::kDouble) return logits_flat<double>(hidden, weight, targets, vocab_start, z);
-  if (flat) return logits_flat<float>(hidden, weight, targets, vocab_start, z);
+  if (flat_path(hidden)) return logits_flat<float>(hidden, weight, targets, vocab_start, z);
+  if (panel_path(hidden)) return logits_panel(hidden, weight, targets, vocab_start, block_v, z);
   return logits_blocked<float>(hidden, weight, targets, vocab_start, block_v, z);
 }
 
@@ -399,16 +499,25 @@ void fused_loss_grads(const Tensor& hidden, const Tensor& weight, const Tensor& 
   if (hidden.scalar_type() == at::kDouble)
     return grads_flat<double>(hidden, weight, targets, lse, coef, z, vocab_start, gh, gw);
   if (flat_path(hidden)) return grads_flat<float>(hidden, weight, targets, lse, coef, z, vocab_start, gh, gw);
+  if (panel_path(hidden)) return grads_panel(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
   grads_blocked<float>(hidden, weight, targets, lse, coef, z, vocab_start, block_v, gh, gw);
 }
 
 std::string bf16_gemm_engine() { return panel::engine_name(); }
+
+// fp32 (fp64 for fp64 inputs) elements of the workspace z that fused_loss_logits needs for T tokens of
+// hidden's dtype and width over V vocab rows: the caller sizes its buffer and its token chunks with it.
+int64_t fused_loss_z_numel(const Tensor& hidden, int64_t T, int64_t V, int64_t block_v) {
+  TORCH_CHECK(T >= 0 && V >= 1 && block_v >= 1, "fused_loss_z_numel: T >= 0, V >= 1, block_v >= 1 expected");
+  return z_numel(hidden, T, V, block_v);
+}
 
 }  // namespace dapo
 
 TORCH_LIBRARY_IMPL(dapo_mcore, CPU, m) {
   m.impl("fused_loss_logits", &dapo::fused_loss_logits);
   m.impl("fused_loss_grads", &dapo::fused_loss_grads);
+  m.impl("fused_loss_z_numel", &dapo::fused_loss_z_numel);
 }
 
 TORCH_LIBRARY_IMPL(dapo_mcore, CatchAll, m) { m.impl("bf16_gemm_engine", &dapo::bf16_gemm_engine); }

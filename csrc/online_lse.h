@@ -52,6 +52,18 @@ struct ThreadLse {
     }
   }
 
+  // Folds one block's per-token statistics (max bm [T], sum of exp(z - bm) bs [T]) into thread tid's state.
+  void fold(int tid, const acc_t* bm, const acc_t* bs) {
+    acc_t* m = mx(tid);
+    acc_t* s = sm(tid);
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t m_new = std::max(m[t], bm[t]);
+      s[t] = s[t] * exp_acc(m[t] - m_new) + bs[t] * exp_acc(bm[t] - m_new);
+      m[t] = m_new;
+    }
+  }
+
   // (max [T], sumexp [T] relative to max) over all threads, as tensors with `opts` (dtype acc_t).
   std::tuple<at::Tensor, at::Tensor> merge(const at::TensorOptions& opts) const {
     at::Tensor out_max = at::empty({T}, opts), out_sum = at::empty({T}, opts);

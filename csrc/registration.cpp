@@ -22,6 +22,7 @@ TORCH_LIBRARY(dapo_mcore, m) {
         "Tensor(a!) z) -> (Tensor, Tensor, Tensor)");
   m.def("fused_loss_grads(Tensor hidden, Tensor weight, Tensor targets, Tensor lse, Tensor coef, Tensor(a!) z, "
         "int vocab_start, int block_v, Tensor(b!)? grad_hidden, Tensor(c!)? grad_weight) -> ()");
+  m.def("fused_loss_z_numel(Tensor hidden, int T, int V, int block_v) -> int");
   // Which bf16 GEMM the CPU kernels use: "amx" | "avx512_bf16" | "none" (csrc/panel_gemm.h).
   m.def("bf16_gemm_engine() -> str");
   // DAPO loss fused with the per-action segment sums (csrc/dapo_loss.cpp).

@@ -14,6 +14,7 @@ _EXPORTS = {
     "dapo_loss_bwd": "dapo_kernels.dapo_loss",
     "fused_loss_logits": "dapo_kernels.fused_dapo_loss",
     "fused_loss_grads": "dapo_kernels.fused_dapo_loss",
+    "fused_loss_bytes_per_token": "dapo_kernels.fused_dapo_loss",
 }
 
 

@@ -55,6 +55,12 @@ def _workspace(T: int, V: int, acc: torch.dtype, device, workspace: torch.Tensor
     return torch.empty(T, ld, dtype=acc, device=device)
 
 
+def fused_loss_bytes_per_token(hidden: torch.Tensor, V_local: int) -> float:
+    """Bytes per token of the fp32 (fp64) logits workspace of :func:`fused_loss_logits` (row stride
+    ``padded(V_local)``): the unit of the fused loss's chunk budget."""
+    return padded(V_local) * acc_dtype(hidden.dtype).itemsize
+
+
 def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                       workspace: torch.Tensor | None = None, block_t: int | None = None, block_v: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -179,10 +179,16 @@ def roofline(T: int, H: int, V: int, tp: int, bytes_el: int = 2) -> dict:
 
     naive: 3 GEMMs plus separate memory-bound kernels over fp32 [T, V/tp] buffers (logits cast,
     log_softmax, gather backward, log_softmax backward: ~8 passes); unfused kernels run one after
-    another, so time = GEMM time + pass time. fused: 4 GEMMs (the backward recomputes the logits)
-    with the softmax work in registers; its only HBM traffic is weights and activations, so
-    time = max(FLOP time, byte time).
+    another, so time = GEMM time + pass time. per_token (the per-token op): 4 GEMMs (the backward
+    recomputes the logits) with the softmax work in registers; its only HBM traffic is weights and
+    activations, so time = max(FLOP time, byte time). fused_loss (the fused DAPO-loss op): 3 GEMMs; per
+    token chunk of CHUNK_BYTES['cuda'] fp32 logits the z chunk is written, read and rewritten as bf16 G
+    by the G pass, G is read by the two GEMMs, W is read twice and main_grad read + written once; the G
+    pass is not overlapped with a GEMM, so time = max(FLOP time, GEMM-side bytes) + G-pass bytes
+    (docs/kernels.md, "Roofline").
     """
+    from dapo_mcore.ops.fused_dapo_loss import CHUNK_BYTES
+
     v = V // tp
     gemm = 2.0 * T * v * H
     w_bytes, h_bytes, l32 = v * H * bytes_el, T * H * bytes_el, T * v * 4
@@ -192,8 +198,16 @@ def roofline(T: int, H: int, V: int, tp: int, bytes_el: int = 2) -> dict:
     naive_ms = 1e3 * (max(3 * gemm / H100["bf16_flops"], naive_gemm_bytes / H100["hbm_bytes_per_s"])
                       + naive_pass_bytes / H100["hbm_bytes_per_s"])
     fused_ms = 1e3 * max(4 * gemm / H100["bf16_flops"], fused_bytes / H100["hbm_bytes_per_s"])
+    tc = max(1, CHUNK_BYTES["cuda"] // (4 * v))
+    n_chunks = -(-T // tc)
+    g_pass = T * v * (4 + 4)                      # the G pass: z read (fp32), G written in place
+    loss_bytes = (T * v * 4 + g_pass + 2 * T * v * 2  # z written by the logits kernel; G read by both GEMMs
+                  + n_chunks * (2 * w_bytes + 8 * v * H) + 3 * h_bytes)
+    loss_ms = 1e3 * (max(3 * gemm / H100["bf16_flops"], (loss_bytes - g_pass) / H100["hbm_bytes_per_s"])
+                     + g_pass / H100["hbm_bytes_per_s"])
     return {"naive": {"tflop": 3 * gemm / 1e12, "gbytes": (naive_pass_bytes + naive_gemm_bytes) / 1e9, "ms": naive_ms},
-            "fused": {"tflop": 4 * gemm / 1e12, "gbytes": fused_bytes / 1e9, "ms": fused_ms}}
+            "per_token": {"tflop": 4 * gemm / 1e12, "gbytes": fused_bytes / 1e9, "ms": fused_ms},
+            "fused_loss": {"tflop": 3 * gemm / 1e12, "gbytes": loss_bytes / 1e9, "ms": loss_ms}}
 
 
 def table(rows: list[dict]) -> str:
@@ -322,7 +336,7 @@ def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(
 
             t = best(fused)
             frac = 3 * 2.0 * c * H * V / full_rate / t
-            print(f"| {dt} | {c} | {c * V * 4 / 2**20:.0f} | {2.0 * c * H * V / mm / 1e9:.0f} | "
+            print(f"| {dt} | {c} | {be.fused_loss_bytes_per_token(hc, V) * c / 2**20:.0f} | {2.0 * c * H * V / mm / 1e9:.0f} | "
                   f"{2.0 * c * H * V / mm / full_rate:.2f} | {t * 1e3:.0f} | {t / (3 * mm):.2f} | {frac:.2f} |", flush=True)
             print(f"RESULT cpu_{dt}_chunk{c}_mm_rate_fraction {2.0 * c * H * V / mm / full_rate:.2f} x")
             print(f"RESULT cpu_{dt}_chunk{c}_projected_floor_fraction {frac:.2f} x")
@@ -382,15 +396,15 @@ def main(argv: list[str] | None = None) -> None:
                                     wgrads=wgrads)
 
     print(f"\nRoofline estimate on {H100['name']}, fwd+bwd per TP rank, bf16 inputs "
-          "(naive: GEMM time + its unfused [T, V] passes; fused: max(FLOP time, HBM time)):")
-    print("| T | H | V | TP | naive TFLOP | naive GB | naive ms | fused TFLOP | fused GB | fused ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "(naive: GEMM time + its unfused [T, V] passes; per-token op and fused loss: see roofline()):")
+    cols = (("naive", "naive"), ("per_token", "per-token op"), ("fused_loss", "fused loss"))
+    print("| T | H | V | TP | " + " | ".join(f"{n} TFLOP | {n} GB | {n} ms" for _, n in cols) + " |")
+    print("|---|---|---|---|" + "---|---|---|" * len(cols))
     for H in (3584, 8192):
         for tp in (1, 8):
             e = roofline(8192, H, 152064, tp)
-            print(f"| 8192 | {H} | 152064 | {tp} | {e['naive']['tflop']:.2f} | {e['naive']['gbytes']:.1f} | "
-                  f"{e['naive']['ms']:.2f} | {e['fused']['tflop']:.2f} | {e['fused']['gbytes']:.1f} | "
-                  f"{e['fused']['ms']:.2f} |")
+            print(f"| 8192 | {H} | 152064 | {tp} | " + " | ".join(
+                f"{e[k]['tflop']:.2f} | {e[k]['gbytes']:.1f} | {e[k]['ms']:.2f}" for k, _ in cols) + " |")
     if Path("/proc/loadavg").exists():
         print(f"load average at the end: {Path('/proc/loadavg').read_text().split()[:3]} (other jobs on a shared "
               "CPU inflate both variants' times)")

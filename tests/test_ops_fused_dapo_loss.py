@@ -318,6 +318,7 @@ def test_bf16_gemm_engines_agree(engine, tmp_path):
 
     code = ("import torch, sys; sys.path.insert(0, 'tests'); import test_ops_fused_dapo_loss as t; "
             "from dapo_mcore.ops import cpp_backend as cb; print(cb.bf16_gemm_engine()); "
+            "print(cb.fused_loss_bytes_per_token(torch.zeros(1, 24, dtype=torch.bfloat16), 301)); "
             "t.test_matches_naive_chain('cpp', torch.bfloat16, 4 * 301 * 12); "
             "t.test_matches_naive_chain('cpp', torch.bfloat16, None); "
             "import test_ops_target_logprob as u; u.test_float32_and_bf16_tolerances('cpp'); "
@@ -326,5 +327,9 @@ def test_bf16_gemm_engines_agree(engine, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[0] in ({"panel": "amx", "avx512": "avx512_bf16", "none": "none"}[engine], "none")
+    got_engine, bytes_per_token = proc.stdout.split()[:2]
+    assert got_engine in ({"panel": "amx", "avx512": "avx512_bf16", "none": "none"}[engine], "none")
+    # Workspace per token at V = 301 (one 512-row vocab block): the panel path keeps exp(z - block max) in
+    # bf16 plus one fp32 block max, (512 / 2 + 1) * 4 bytes; the upcast path fp32 logits, 512 * 4.
+    assert float(bytes_per_token) == (1028.0 if got_engine != "none" else 2048.0)
 

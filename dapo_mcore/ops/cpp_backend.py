@@ -36,8 +36,11 @@ def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids:
     return _C.load().dapo_loss_bwd(grad_loss, log_ratio, segment_ids.long(), advantages, beta, normalizer)
 
 
-def _z_numel(T: int, V: int, block_v: int) -> int:
-    return -(-V // block_v) * block_v * T
+def fused_loss_bytes_per_token(hidden: torch.Tensor, V_local: int, block_v: int | None = None) -> float:
+    """Workspace bytes per token of :func:`fused_loss_logits` for ``hidden``'s dtype and width (the chunk
+    budget's unit): ~4·V for fp32 logits, ~2·V on the bf16 panel path (``csrc/fused_dapo_loss.cpp``)."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return _C.load().fused_loss_z_numel(hidden, 1024, V_local, block_v or BLOCK_V) * acc.itemsize / 1024
 
 
 def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
@@ -45,7 +48,7 @@ def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     bv = block_v or BLOCK_V
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    need = _z_numel(hidden.shape[0], weight.shape[0], bv)
+    need = _C.load().fused_loss_z_numel(hidden, hidden.shape[0], weight.shape[0], bv)
     if workspace is not None and workspace.dtype == acc and workspace.numel() >= need:
         z = workspace.view(-1)[:need]
     else:

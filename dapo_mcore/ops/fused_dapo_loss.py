@@ -31,10 +31,12 @@ from dapo_mcore.ops.dispatch import backend, resolve_impl
 from dapo_mcore.ops.reference import acc_dtype
 from dapo_mcore.ops.target_logprob import _fusable_main_grad, dummy_weight_grad, shard_logprobs
 
-# Bytes of one chunk's logits z [chunk, V_local] (fp32). Every chunk reads W twice and reads + writes all of
+# Bytes of one chunk's logits workspace (fp32 z [chunk, V_local]: 4·V_local per token; the C++ bf16 panel
+# path keeps exp(z - block max) in bf16: ~2·V_local). Every chunk reads W twice and reads + writes all of
 # grad_weight (main_grad, fp32) once, so larger chunks mean less memory traffic per FLOP: on CPU 128 MiB
-# (~200 tokens at V = 152k: the weight-gradient GEMM's K) keeps the peak under 1/20 of naive's; on a GPU
-# 1 GiB (the per-chunk main_grad read-modify-write must stay below the chunk's GEMM time: docs/kernels.md).
+# (~200 tokens of fp32 logits at V = 152k, ~440 on the panel path: the weight-gradient GEMM's K) keeps the
+# peak under 1/20 of naive's; on a GPU 1 GiB (the per-chunk main_grad read-modify-write must stay below the
+# chunk's GEMM time: docs/kernels.md).
 CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
 
 
@@ -61,9 +63,11 @@ def action_chunks(seg_sorted: torch.Tensor, max_tokens: int) -> list[tuple[int, 
     return chunks
 
 
-def chunk_token_budget(V_local: int, device: torch.device, chunk_bytes: Optional[int]) -> int:
-    budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, budget // (4 * max(V_local, 1)))
+def chunk_token_budget(be, hidden: torch.Tensor, V_local: int, chunk_bytes: Optional[int]) -> int:
+    """Tokens per chunk: ``chunk_bytes`` (default ``CHUNK_BYTES`` of the device) over the backend's
+    workspace bytes per token (``fused_loss_bytes_per_token``: ~4·V_local for fp32 logits)."""
+    budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES["cuda" if hidden.device.type == "cuda" else "cpu"]
+    return max(1, int(budget // be.fused_loss_bytes_per_token(hidden, max(V_local, 1))))
 
 
 class _FusedDapoLoss(torch.autograd.Function):
@@ -93,7 +97,7 @@ class _FusedDapoLoss(torch.autograd.Function):
         gh_a = torch.empty(n_a, H, dtype=acc, device=dev) if need_h else None
         gw = main_grad if main_grad is not None else (torch.zeros(V, H, dtype=acc, device=dev) if need_w else None)
         ws = None
-        for a, b in action_chunks(seg_a, chunk_token_budget(V, dev, chunk_bytes)):
+        for a, b in action_chunks(seg_a, chunk_token_budget(be, hidden, V, chunk_bytes)):
             hc, yc, sc = h_a[a:b], y_a[a:b], seg_a[a:b]
             m, s, tgt, z = be.fused_loss_logits(hc, weight, yc, vocab_start, workspace=ws)
             ws = z
@@ -165,7 +169,7 @@ def fused_dapo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         ref_logp: ``[T]`` float, per-token log pi_ref (the advantage stage's).
         segment_ids: int ``[T]`` in ``[-1, S)``: the action of each token; -1 (state tokens, padding)
             takes no part (no logits are computed for it). Any order: tokens are grouped by action, and
-            chunks of about ``chunk_bytes`` of fp32 logits are cut on action boundaries (an action longer
+            chunks of about ``chunk_bytes`` of logits workspace are cut on action boundaries (an action longer
             than a chunk is a chunk alone: memory ``O(max(chunk, longest action) * V_local)``).
         advantages: ``[S]`` float, A_s; an action with no tokens contributes ½(A_s/β)².
         beta: DAPO temperature (> 0; paper 0.01-0.02).
@@ -174,7 +178,8 @@ def fused_dapo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             all-reduces max / sum-exp / target logits per chunk and grad_hidden, and returns the FULL
             grad_hidden (do not also wrap hidden in ``copy_to_tensor_model_parallel_region``).
         impl: ``"triton"``/``"cpp"``/``"reference"``/``"auto"`` (default $DAPO_OPS_IMPL or auto).
-        chunk_bytes: budget of one chunk's fp32 logits (default 128 MiB on CPU, 1 GiB on CUDA).
+        chunk_bytes: budget of one chunk's logits workspace (default 128 MiB on CPU, 1 GiB on CUDA; see
+            ``CHUNK_BYTES``).
         accumulate_into_main_grad: if ``weight`` has a fusable ``main_grad`` (Megatron DDP: fp32, same
             shape), grad_weight is added into it DURING THE FORWARD (when grad is enabled and the weight
             requires grad) and the backward hands autograd Megatron's dummy gradient (zeros when the param

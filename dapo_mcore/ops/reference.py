@@ -111,6 +111,12 @@ def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids:
                        torch.zeros((), dtype=coef.dtype, device=coef.device))
 
 
+def fused_loss_bytes_per_token(hidden: torch.Tensor, V_local: int) -> float:
+    """Bytes per token of the logits z that :func:`fused_loss_logits` keeps for :func:`fused_loss_grads`
+    (the unit of the fused loss's chunk budget): ``V_local`` elements of the accumulation dtype."""
+    return V_local * acc_dtype(hidden.dtype).itemsize
+
+
 def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                       workspace: torch.Tensor | None = None, block_t: int | None = None, block_v: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
