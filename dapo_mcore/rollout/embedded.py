@@ -8,10 +8,13 @@ A batch runs in two phases:
    result is a pure function of the tokens: bit-identical whatever the batch mates, padding or
    split into runs (measured on CPU fp32 with 1 and 2 threads; tested). What it takes: every
    row's tokens sit at KV columns equal to their positions (a "ragged" cache: each row appends
-   at its own length; explicit 4D causal masks), attention runs on SDPA's math kernel (the fused
-   CPU kernel's sums depend on the KV width), and the query columns of a pass are padded to a
-   multiple of ``_Q_ALIGN`` (small GEMMs take other MKL kernels; vectorised elementwise ops
-   round a tensor's scalar tail differently). The three modes differ only in *what* they compute:
+   at its own length; explicit 4D causal masks), attention runs on :func:`prefix_attention`, whose
+   products all run on fixed ``_Q_ALIGN``-column KV blocks summed in order (SDPA's fused CPU kernel
+   and even its math kernel sum over the whole KV width, and MKL picks another summation for some
+   widths: measured on an AVX2-only AMD EPYC, where ``p @ v`` with zero-padded columns changed its
+   bits at widths 224-288), and the query columns of a pass are padded to a multiple of
+   ``_Q_ALIGN`` (small GEMMs take other MKL kernels; vectorised elementwise ops round a tensor's
+   scalar tail differently). The three modes differ only in *what* they compute:
    ``prefix_reuse=False`` every sample's prefix; ``radix_cache_bytes=0`` each request's prefix
    once; radix cache (default) only the parts of the prefixes not stored yet (see below).
 2. **Decode**: each sample's prefix KV is copied into preallocated buffers (left padded to the
@@ -57,7 +60,7 @@ from dapo_mcore.rollout.segment import TokenBytes
 
 _Q_ALIGN = 32            # query columns of a prefix pass: a multiple of this (see module doc)
 _Q_CHUNK = 512           # at most this many new tokens of a row per prefix pass
-_ATTN_BUDGET = 1 << 20   # attention scores per prefix pass (the math kernel materialises them): 4 MiB, cache-sized
+_ATTN_BUDGET = 1 << 20   # attention scores per prefix pass (prefix_attention materialises them, and d/32 x as many for p @ v)
 
 
 @dataclass
@@ -216,6 +219,39 @@ def _round_up(n: int) -> int:
     return -(-n // _Q_ALIGN) * _Q_ALIGN
 
 
+_PREFIX_ATTN = "dapo_prefix"  # the attention implementation of the prefix pass (registered on first use)
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention whose bits do not depend on the KV width (module doc): every product runs on fixed
+    ``_Q_ALIGN``-column KV blocks and the blocks are summed in order (``cumsum``), so zero-probability
+    columns past a row's context add exact zeros. query [B, h, q, d], key/value [B, kv_heads, W, d],
+    attention_mask bool [B, 1, q, W] (True: attend) -> ([B, q, h, d], None)."""
+    B, h, q, d = query.shape
+    rep = h // key.shape[1]
+    W = key.shape[2]
+    pad = _round_up(W) - W
+    if pad:
+        key, value = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (key, value))
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, pad), value=False)
+    nb = (W + pad) // _Q_ALIGN
+    k = key.repeat_interleave(rep, 1).view(B, h, nb, _Q_ALIGN, d)
+    v = value.repeat_interleave(rep, 1).view(B, h, nb, _Q_ALIGN, d)
+    scale = scaling if scaling is not None else d ** -0.5
+    s = torch.matmul(query.unsqueeze(2), k.transpose(-1, -2)) * scale            # [B, h, nb, q, blk]
+    s = s.masked_fill(~attention_mask.view(B, 1, q, nb, _Q_ALIGN).transpose(2, 3), float("-inf"))
+    e = torch.exp(s - s.amax(dim=(2, 4), keepdim=True))
+    denom = e.sum(-1).cumsum(2)[:, :, -1]                                        # [B, h, q]
+    out = torch.matmul(e, v).cumsum(2)[:, :, -1] / denom.unsqueeze(-1)          # [B, h, q, d]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_prefix_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_PREFIX_ATTN, prefix_attention)
+
+
 class EmbeddedEngine:
     """In-process generation backend (see module doc). Thread-safe (one batch at a time)."""
 
@@ -323,9 +359,7 @@ class EmbeddedEngine:
 
     def _prefill_pass(self, ctx: list[list[torch.Tensor]], toks: list[list[int]]) -> list[torch.Tensor]:
         """One forward: row b = its context KV at columns [0, m_b), its tokens at [m_b, m_b + len),
-        query columns right padded to a multiple of ``_Q_ALIGN``; math SDPA kernel (module doc)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        query columns right padded to a multiple of ``_Q_ALIGN``; :func:`prefix_attention` (module doc)."""
         B, L = len(toks), self._layers
         m = [sum(c.shape[3] for c in p) for p in ctx]
         e = torch.tensor([len(t) for t in toks])
@@ -346,9 +380,14 @@ class EmbeddedEngine:
         mask = torch.arange(W).view(1, 1, W) <= torch.minimum(pos, (base + e - 1).unsqueeze(1)).unsqueeze(2)
         ragged = _layer_classes()[1]
         cache = _cache_of([ragged(kv[i, 0], kv[i, 1], base) for i in range(L)])
-        with sdpa_kernel(SDPBackend.MATH):
+        _register_prefix_attention()
+        cfg = self.model.config
+        cfg._attn_implementation = _PREFIX_ATTN  # back to sdpa below: decode runs on SDPA
+        try:
             self.model(input_ids=ids, attention_mask=mask.unsqueeze(1), position_ids=pos, past_key_values=cache,
                        use_cache=True, logits_to_keep=1)
+        finally:
+            cfg._attn_implementation = "sdpa"
         return [kv[:, :, b, :, m[b]:m[b] + len(toks[b])].contiguous() for b in range(B)]
 
     def _prefill_each(self, seqs: list[list[int]]) -> list[list[torch.Tensor]]:
