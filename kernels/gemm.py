@@ -33,7 +33,7 @@ GRID = {
 _FP32 = [(64, 128, 32, 8, 3), (64, 64, 16, 4, 4)]
 SELECT_DH = {   # grad_hidden = G @ W (K = V: long reduction, fresh C)
     ("bfloat16", 90): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
-    ("bfloat16", 80): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
+    ("bfloat16", 80): [(256, 128, 64, 8, 3), (128, 128, 64, 8, 4)],
     ("float32", 90): _FP32, ("float32", 80): _FP32,
 }
 SELECT_DW = {   # main_grad += G^T @ h (transposed A, C read in the epilogue: more registers)

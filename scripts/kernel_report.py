@@ -11,6 +11,7 @@ measured here and left out).
     python scripts/kernel_report.py                 # the full autotune grid (a few minutes)
     python scripts/kernel_report.py --selectable    # only what the GPU path can select (what CI compiles)
     python scripts/kernel_report.py --json out.json
+    python scripts/kernel_report.py --image-triton  # under the GPU image's triton (scripts/setup.sh unpacks it)
 
 Ends with ``RESULT triton_bf16_spill_bytes_max <n> bytes`` (over the selectable bf16 configurations,
 sm_80 and sm_90) and exits 1 if the CI check would fail.
@@ -34,8 +35,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--quiet", action="store_true", help="no per-compile progress lines")
     ap.add_argument("--workers", type=int, help="compile processes (default: one per CPU)")
+    ap.add_argument("--image-triton", action="store_true",
+                    help="compile with the triton of the GPU image ($VENV/image-triton, from scripts/setup.sh)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # triton >= 3.9 warns when unset; 1 = its default
+    if args.image_triton:
+        site = Path(sys.prefix) / "image-triton"
+        if not site.is_dir():
+            ap.error(f"{site} does not exist: run scripts/setup.sh (it unpacks the GPU image's triton there)")
+        if os.environ.get("DAPO_IMAGE_TRITON_SITE") != str(site):  # re-run once with it first on the path
+            rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--image-triton"]
+            env = dict(os.environ, DAPO_IMAGE_TRITON_SITE=str(site),
+                       PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+            os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *rest, "--image-triton"], env)
+
+    import triton
 
     from dapo_kernels import compile_check as cc
 
@@ -51,7 +65,7 @@ def main(argv=None) -> int:
     print()
     print(cc.table(usages))
     s = cc.summarize(usages)
-    print(f"\n{s.n} compiles in {wall:.0f} s ({s.errors} errors); shared-memory limits {cc.SHARED_LIMIT} B")
+    print(f"\ntriton {triton.__version__}: {s.n} compiles in {wall:.0f} s ({s.errors} errors); shared-memory limits {cc.SHARED_LIMIT} B")
     for p in s.problems:
         print("PROBLEM", p)
     if args.json:

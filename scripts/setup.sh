@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up from a fresh clone: a venv in .venv, the pinned CPU torch,
 # megatron-core 0.16.x and the rest (pyproject.toml), then the CMake build of csrc/.
-# Idempotent: a finished set-up is detected by a stamp and skipped.
+# Idempotent: a finished set-up is detected by a stamp and skipped. Also unpacks the GPU image's triton
+# (3.6.0) into .venv/image-triton for the compile check (tests/test_kernels_compile.py).
 # Usage: scripts/setup.sh [--force] [--gpu]   (--gpu adds transformer-engine/flash-attn)
 #        scripts/setup.sh --sglang [--force]   a separate venv with the real SGLang 0.5.23 server for
 #          CPUs (default $ROOT/.venv-sglang, or $DAPO_SGLANG_VENV): torch==2.13.0, the pinned list
@@ -18,7 +19,7 @@ for a in "$@"; do
     --force) FORCE=1 ;;
     --gpu) EXTRAS="dev,gpu" ;;
     --sglang) SGLANG=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -52,8 +53,21 @@ if [[ $SGLANG == 1 ]]; then
   echo "[setup --sglang] done: $SVENV"
   exit 0
 fi
+# The triton of the GPU image scripts/gpu_check.sh runs on (torch 2.11's pin, docs/gpu.md), unpacked apart
+# from the venv's own: tests/test_kernels_compile.py compiles the selectable kernel configurations with it too
+# (PYTHONPATH=$VENV/image-triton), since register allocation and so spills differ between triton releases.
+IMAGE_TRITON="${DAPO_IMAGE_TRITON:-3.6.0}"
+image_triton() {
+  local dir="$VENV/image-triton"
+  [[ -f "$dir/.triton-$IMAGE_TRITON" ]] && return 0
+  echo "[setup] unpacking triton==$IMAGE_TRITON (the GPU image's) into $dir"
+  rm -rf "$dir"
+  "$VENV/bin/python" -m pip install -q --no-deps --no-compile --target "$dir" "triton==$IMAGE_TRITON"
+  touch "$dir/.triton-$IMAGE_TRITON"
+}
+
 STAMP="$VENV/.dapo-setup-$(cat "$ROOT/pyproject.toml" "$ROOT/CMakeLists.txt" "$ROOT"/csrc/* | sha1sum | cut -c1-12)"
-if [[ $FORCE == 0 && -f "$STAMP" ]]; then exit 0; fi
+if [[ $FORCE == 0 && -f "$STAMP" ]]; then image_triton; exit 0; fi
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "[setup] creating venv at $VENV"
@@ -69,6 +83,7 @@ echo "[setup] installing dapo-mcore[$EXTRAS] (editable)"
 "$VPY" -m pip install -q -e "$ROOT[$EXTRAS]"
 echo "[setup] building csrc/ with CMake"
 "$VPY" -m dapo_mcore.build_ops
+image_triton
 rm -f "$VENV"/.dapo-setup-*
 touch "$STAMP"
 echo "[setup] done: $VENV"
