@@ -311,20 +311,22 @@ def test_radix_config_errors(tiny_qwen2):
     assert eng.radix is None
 
 
-def test_prefix_attention_matches_sdpa_and_ignores_kv_width():
-    """prefix_attention = SDPA to fp32 rounding (GQA 4/2, boolean mask), and its bits for a row do not
-    change when masked KV columns are appended (widths 160..700, incl. 224-288 where MKL's ``p @ v``
-    changed bits on an AVX2 CPU)."""
+@pytest.mark.parametrize("h,kvh,d", [(4, 2, 16), (9, 3, 64), (4, 4, 32)])
+def test_prefix_attention_matches_sdpa_and_ignores_kv_width(h, kvh, d):
+    """prefix_attention = SDPA to fp32 rounding (GQA 4/2 and 9/3 as SmolLM2, MHA; boolean mask), and its
+    bits for a row do not change when masked KV columns are appended (widths 160..700, incl. 224-288
+    where MKL's ``p @ v`` changed bits on an AVX2 CPU)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
-    B, h, kvh, q, d, W0 = 2, 4, 2, 32, 16, 160
+    B, q, W0 = 2, 32, 160
+    rep = h // kvh
     query = torch.randn(B, h, q, d, generator=g)
     key, value = torch.randn(B, kvh, W0, d, generator=g), torch.randn(B, kvh, W0, d, generator=g)
     mask = torch.arange(W0).view(1, 1, 1, W0) <= (torch.arange(q) + 120).view(1, 1, q, 1)
     mask = mask.expand(B, 1, q, W0)
     ref, _ = embedded.prefix_attention(None, query, key, value, mask, scaling=d ** -0.5)
-    want = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
+    want = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
                                           attn_mask=mask).transpose(1, 2)
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-6)
     for W in range(W0 + 7, 700, 32):

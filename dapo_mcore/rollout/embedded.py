@@ -9,7 +9,7 @@ A batch runs in two phases:
    split into runs (measured on CPU fp32 with 1 and 2 threads; tested). What it takes: every
    row's tokens sit at KV columns equal to their positions (a "ragged" cache: each row appends
    at its own length; explicit 4D causal masks), attention runs on :func:`prefix_attention`, whose
-   products all run on fixed ``_Q_ALIGN``-column KV blocks summed in order (SDPA's fused CPU kernel
+   products all run on fixed ``_KV_BLOCK``-column KV blocks summed in order (SDPA's fused CPU kernel
    and even its math kernel sum over the whole KV width, and MKL picks another summation for some
    widths: measured on an AVX2-only AMD EPYC, where ``p @ v`` with zero-padded columns changed its
    bits at widths 224-288), and the query columns of a pass are padded to a multiple of
@@ -229,21 +229,24 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     columns past a row's context add exact zeros. query [B, h, q, d], key/value [B, kv_heads, W, d],
     attention_mask bool [B, 1, q, W] (True: attend) -> ([B, q, h, d], None)."""
     B, h, q, d = query.shape
-    rep, W, blk = h // key.shape[1], key.shape[2], _KV_BLOCK
+    kvh, W, blk = key.shape[1], key.shape[2], _KV_BLOCK
+    rep = h // kvh
     pad = -(-W // blk) * blk - W
     if pad:
         key, value = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (key, value))
         attention_mask = torch.nn.functional.pad(attention_mask, (0, pad), value=False)
     nb = (W + pad) // blk
-    k = key.repeat_interleave(rep, 1).view(B, h, nb, blk, d)
-    v = value.repeat_interleave(rep, 1).view(B, h, nb, blk, d)
-    scale = scaling if scaling is not None else d ** -0.5
-    s = torch.matmul(query.unsqueeze(2), k.transpose(-1, -2)) * scale            # [B, h, nb, q, blk]
-    s = s.masked_fill(~attention_mask.view(B, 1, q, nb, blk).transpose(2, 3), float("-inf"))
-    e = torch.exp(s - s.amax(dim=(2, 4), keepdim=True))
-    denom = e.sum(-1).cumsum(2)[:, :, -1]                                        # [B, h, q]
-    out = torch.matmul(e, v).cumsum(2)[:, :, -1] / denom.unsqueeze(-1)          # [B, h, q, d]
-    return out.transpose(1, 2).contiguous(), None
+    k, v = key.reshape(B, kvh, nb, blk, d), value.reshape(B, kvh, nb, blk, d)
+    # GQA without copying KV: the rep query heads of a KV head (heads kv*rep .. kv*rep+rep-1) are one
+    # rep*q-row operand; every product is still one [rep*q, d] x [d, blk] / [rep*q, blk] x [blk, d] GEMM
+    s = torch.matmul(query.reshape(B, kvh, 1, rep * q, d), k.transpose(-1, -2))  # [B, kvh, nb, rep*q, blk]
+    s.mul_(scaling if scaling is not None else d ** -0.5)
+    keep = attention_mask.view(B, 1, 1, q, nb, blk).permute(0, 1, 4, 2, 3, 5)        # [B, 1, nb, 1, q, blk]
+    s.view(B, kvh, nb, rep, q, blk).masked_fill_(~keep, float("-inf"))
+    s.sub_(s.amax(dim=(2, 4), keepdim=True)).exp_()                                 # in place: no score copies
+    denom = s.sum(-1).cumsum(2)[:, :, -1]                                          # [B, kvh, rep*q]
+    out = torch.matmul(s, v).cumsum(2)[:, :, -1] / denom.unsqueeze(-1)            # [B, kvh, rep*q, d]
+    return out.view(B, h, q, d).transpose(1, 2).contiguous(), None
 
 
 def _register_prefix_attention() -> None:
