@@ -336,3 +336,23 @@ def test_prefix_attention_matches_sdpa_and_ignores_kv_width(h, kvh, d):
         m2[..., :W0] = mask
         got, _ = embedded.prefix_attention(None, query, k2, v2, m2, scaling=d ** -0.5)
         assert torch.equal(got, ref), W
+
+
+def test_prefix_attention_skipped_kv_blocks_change_no_bits(monkeypatch):
+    """A long causal pass (q = 320: three query tiles, the first sees 2 of 5 KV blocks) gives the same bits
+    as one tile over every block, and SDPA's values to fp32 rounding."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    B, h, kvh, q, d, m = 2, 9, 3, 320, 32, 150
+    W = m + q
+    query = torch.randn(B, h, q, d, generator=g)
+    key, value = torch.randn(B, kvh, W, d, generator=g), torch.randn(B, kvh, W, d, generator=g)
+    mask = (torch.arange(W).view(1, 1, 1, W) <= (torch.arange(q) + m).view(1, 1, q, 1)).expand(B, 1, q, W)
+    tiled, _ = embedded.prefix_attention(None, query, key, value, mask)
+    monkeypatch.setattr(embedded, "_Q_TILE", 1 << 20)
+    whole, _ = embedded.prefix_attention(None, query, key, value, mask)
+    assert torch.equal(tiled, whole)
+    want = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
+                                          attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(tiled, want, rtol=1e-5, atol=1e-6)

@@ -61,6 +61,7 @@ from dapo_mcore.rollout.segment import TokenBytes
 _Q_ALIGN = 32            # query columns of a prefix pass: a multiple of this (see module doc)
 _Q_CHUNK = 512           # at most this many new tokens of a row per prefix pass
 _KV_BLOCK = 128          # prefix_attention's fixed KV block (32 / 64 / 128 / 256 measured: 128 the fastest)
+_Q_TILE = 128            # prefix_attention's query tile (KV blocks past a tile's last attended column are skipped)
 _ATTN_BUDGET = 1 << 20   # attention scores per prefix pass (prefix_attention materialises them, and d/128 x as many for p @ v)
 
 
@@ -226,8 +227,10 @@ _PREFIX_ATTN = "dapo_prefix"  # the attention implementation of the prefix pass 
 def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention whose bits do not depend on the KV width (module doc): every product runs on fixed
     ``_KV_BLOCK``-column KV blocks and the blocks are summed in order (``cumsum``), so zero-probability
-    columns past a row's context add exact zeros. query [B, h, q, d], key/value [B, kv_heads, W, d],
-    attention_mask bool [B, 1, q, W] (True: attend) -> ([B, q, h, d], None)."""
+    columns past a row's context add exact zeros, and the KV blocks past the last column any query of a
+    ``_Q_TILE``-query tile attends are skipped (they would add exactly those zeros: the causal half of a long
+    pass). query [B, h, q, d], key/value [B, kv_heads, W, d], attention_mask bool [B, 1, q, W] (True: attend)
+    -> ([B, q, h, d], None)."""
     B, h, q, d = query.shape
     kvh, W, blk = key.shape[1], key.shape[2], _KV_BLOCK
     rep = h // kvh
@@ -237,16 +240,23 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
         attention_mask = torch.nn.functional.pad(attention_mask, (0, pad), value=False)
     nb = (W + pad) // blk
     k, v = key.reshape(B, kvh, nb, blk, d), value.reshape(B, kvh, nb, blk, d)
-    # GQA without copying KV: the rep query heads of a KV head (heads kv*rep .. kv*rep+rep-1) are one
-    # rep*q-row operand; every product is still one [rep*q, d] x [d, blk] / [rep*q, blk] x [blk, d] GEMM
-    s = torch.matmul(query.reshape(B, kvh, 1, rep * q, d), k.transpose(-1, -2))  # [B, kvh, nb, rep*q, blk]
-    s.mul_(scaling if scaling is not None else d ** -0.5)
-    keep = attention_mask.view(B, 1, 1, q, nb, blk).permute(0, 1, 4, 2, 3, 5)        # [B, 1, nb, 1, q, blk]
-    s.view(B, kvh, nb, rep, q, blk).masked_fill_(~keep, float("-inf"))
-    s.sub_(s.amax(dim=(2, 4), keepdim=True)).exp_()                                 # in place: no score copies
-    denom = s.sum(-1).cumsum(2)[:, :, -1]                                          # [B, kvh, rep*q]
-    out = torch.matmul(s, v).cumsum(2)[:, :, -1] / denom.unsqueeze(-1)            # [B, kvh, rep*q, d]
-    return out.view(B, h, q, d).transpose(1, 2).contiguous(), None
+    scale = scaling if scaling is not None else d ** -0.5
+    seen = attention_mask.any(0).any(0).view(q, nb, blk).any(-1)                    # [q, nb]: block seen by query
+    out = torch.empty((B, q, h, d), dtype=query.dtype)
+    for i0 in range(0, q, _Q_TILE):
+        i1 = min(q, i0 + _Q_TILE)
+        qt, n = i1 - i0, int(seen[i0:i1].any(0).nonzero().max()) + 1 if seen[i0:i1].any() else 1
+        # GQA without copying KV: the rep query heads of a KV head (heads kv*rep .. kv*rep+rep-1) are one
+        # rep*qt-row operand; every product is one [rep*qt, d] x [d, blk] / [rep*qt, blk] x [blk, d] GEMM
+        sc = torch.matmul(query[:, :, i0:i1].reshape(B, kvh, 1, rep * qt, d), k[:, :, :n].transpose(-1, -2))
+        sc.mul_(scale)                                                               # [B, kvh, n, rep*qt, blk]
+        keep = attention_mask[:, :, i0:i1, :n * blk].reshape(B, 1, 1, qt, n, blk).permute(0, 1, 4, 2, 3, 5)
+        sc.view(B, kvh, n, rep, qt, blk).masked_fill_(~keep, float("-inf"))
+        sc.sub_(sc.amax(dim=(2, 4), keepdim=True)).exp_()                            # in place: no score copies
+        denom = sc.sum(-1).cumsum(2)[:, :, -1]                                      # [B, kvh, rep*qt]
+        o = torch.matmul(sc, v[:, :, :n]).cumsum(2)[:, :, -1] / denom.unsqueeze(-1)  # [B, kvh, rep*qt, d]
+        out[:, i0:i1] = o.view(B, h, qt, d).transpose(1, 2)
+    return out, None
 
 
 def _register_prefix_attention() -> None:
