@@ -242,10 +242,11 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     k, v = key.reshape(B, kvh, nb, blk, d), value.reshape(B, kvh, nb, blk, d)
     scale = scaling if scaling is not None else d ** -0.5
     seen = attention_mask.any(0).any(0).view(q, nb, blk).any(-1)                    # [q, nb]: block seen by query
-    out = torch.empty((B, q, h, d), dtype=query.dtype)
+    upto = (seen * torch.arange(1, nb + 1)).amax(1)                                 # [q]: 1 + its last seen block
+    out = query.new_empty((B, q, h, d))
     for i0 in range(0, q, _Q_TILE):
         i1 = min(q, i0 + _Q_TILE)
-        qt, n = i1 - i0, int(seen[i0:i1].any(0).nonzero().max()) + 1 if seen[i0:i1].any() else 1
+        qt, n = i1 - i0, max(1, int(upto[i0:i1].max()))
         # GQA without copying KV: the rep query heads of a KV head (heads kv*rep .. kv*rep+rep-1) are one
         # rep*qt-row operand; every product is one [rep*qt, d] x [d, blk] / [rep*qt, blk] x [blk, d] GEMM
         sc = torch.matmul(query[:, :, i0:i1].reshape(B, kvh, 1, rep * qt, d), k[:, :, :n].transpose(-1, -2))
