@@ -19,7 +19,18 @@ three times (same seeds, same batches) and prints::
     RESULT mc_identical_completions_radix <v> fraction   (radix run vs no-reuse run)
     RESULT mc_radix_speedup <v> x                    (samples/s with cross-state reuse over within-state)
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_rollout.py [--states 32 --n 16 ...]
+``--prefix-pass`` instead times the engine's prefix pass alone (``EmbeddedEngine._prefill``) on the same
+model and solutions, with ``prefix_attention`` (bit-stable) and with math SDPA (the kernel it replaced: its
+bits change with the KV width), interleaved rounds, process CPU, and prints::
+
+    RESULT prefix_pass_cpu_s_scratch <v> s            (every solution's prefix from nothing, min over rounds)
+    RESULT prefix_pass_cpu_s_scratch_sdpa_math <v> s
+    RESULT prefix_pass_sdpa_math_over_ours_scratch <v> x
+    RESULT prefix_pass_cpu_s_increment <v> s          (their last 32 tokens on the KV of the rest: radix-style)
+    RESULT prefix_pass_cpu_s_increment_sdpa_math <v> s
+    RESULT prefix_pass_sdpa_math_over_ours_increment <v> x
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_rollout.py [--states 32 --n 16 ...] [--prefix-pass]
 """
 from __future__ import annotations
 
@@ -84,6 +95,8 @@ def main() -> None:
     ap.add_argument("--max-batch-rows", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--prefix-pass", action="store_true", help="time the prefix pass alone (see above), not mc")
+    ap.add_argument("--rounds", type=int, default=7, help="--prefix-pass: interleaved rounds")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_rollout_"))
@@ -96,6 +109,9 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     gen, prompt_lens = write_solutions(work, tok, a.problems, a.ops, a.min_state_tokens, a.solutions)
+    if a.prefix_pass:
+        bench_prefix_pass(EmbeddedEngine(EngineConfig(str(ckpt))), gen, a.rounds)
+        return
     # the same mc config (seeds, batches) for every engine mode; the engine is built before the clock starts
     modes = {"no_reuse": dict(prefix_reuse=False), "within_state": dict(radix_cache_bytes=0), "radix": dict()}
     model = None
@@ -135,6 +151,46 @@ def main() -> None:
     print(f"RESULT mc_identical_completions_radix {identical('radix', 'no_reuse'):.4f} fraction")
     print(f"RESULT mc_radix_speedup {rate['radix'] / rate['within_state']:.2f} x")
     bench_sglang(ckpt, gen, work, a.n, a.max_new_tokens, max(1, a.max_batch_rows // a.n), out["radix"][0])
+
+
+def bench_prefix_pass(engine: EmbeddedEngine, gen: Path, rounds: int) -> None:
+    """``--prefix-pass`` (module doc): min process CPU over ``rounds`` interleaved rounds of each variant."""
+    import torch.nn.functional as F
+
+    from dapo_mcore.rollout import embedded
+
+    def sdpa_math(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        rep = query.shape[1] // key.shape[1]
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
+                                               attn_mask=attention_mask, scale=scaling)
+        return o.transpose(1, 2).contiguous(), None
+
+    seqs = [r["prompt_ids"] + s["output_ids"] for r in iter_records(gen) for s in r["solutions"]]
+    heads, tails = [x[:-32] for x in seqs], [x[-32:] for x in seqs]
+    variants = {"ours": embedded.prefix_attention, "sdpa_math": sdpa_math}
+    best: dict[tuple[str, str], float] = {}
+    with torch.no_grad():
+        pasts = engine._prefill([[] for _ in heads], heads)
+        cases = {"scratch": lambda: engine._prefill([[] for _ in seqs], seqs),
+                 "increment": lambda: engine._prefill([[p] for p in pasts], tails)}
+        try:
+            for r in range(rounds + 1):          # round 0: warm-up
+                for v, fn in variants.items():
+                    embedded.prefix_attention = fn  # what the engine registers for its prefix pass
+                    for c, f in cases.items():
+                        c0 = time.process_time()
+                        f()
+                        if r:
+                            best[c, v] = min(best.get((c, v), float("inf")), time.process_time() - c0)
+        finally:
+            embedded.prefix_attention = variants["ours"]
+    print(f"prefix pass: {len(seqs)} sequences of {min(map(len, seqs))}-{max(map(len, seqs))} tokens "
+          f"({sum(map(len, seqs))} in all; increment: their last 32), min process CPU of {rounds} rounds", flush=True)
+    for c in cases:
+        print(f"RESULT prefix_pass_cpu_s_{c} {best[c, 'ours']:.3f} s")
+        print(f"RESULT prefix_pass_cpu_s_{c}_sdpa_math {best[c, 'sdpa_math']:.3f} s")
+        print(f"RESULT prefix_pass_sdpa_math_over_ours_{c} {best[c, 'sdpa_math'] / best[c, 'ours']:.2f} x")
 
 
 def bench_sglang(ckpt: Path, gen: Path, work: Path, n: int, max_new_tokens: int, batch_requests: int,
