@@ -3,19 +3,24 @@
 Every config field of the package is declared with :func:`option`, which records, as dataclass field
 metadata, the field's one-line doc, whether it counts toward a stage's identity (``identity=False``: it
 cannot change results, e.g. progress bars or batch sizes sent to a server, or it is an input path
-identified by content elsewhere) and, for the few layout settings the cluster launchers pass on the
-command line, its ``flag``. One function reads each of them: :func:`describe` (``--help``),
-:func:`identity` (what a stage's digest hashes) and :func:`flag_options` (launcher flags).
+identified by content elsewhere), the values it accepts (bounds ``ge``/``gt``/``le``/``lt`` of a number,
+``choices`` of a string) and, for the few layout settings the cluster launchers pass on the command line,
+its ``flag``. One function reads each of them: :func:`describe` (``--help``), :func:`identity` (what a
+stage's digest hashes), :func:`value_problem` (the accepted values) and :func:`flag_options` (launcher flags).
 
 Loading is strict: an unknown key is a :class:`ConfigError` naming the key, the file and line (or the
 override), and a close match; values are type-checked (int/float/bool/str/Optional/list/dict/nested
-dataclass). Overrides use dotted keys and YAML scalars: ``critic.lr=1e-4 run.iterations=2``.
+dataclass) and checked against their field's bounds and choices, so a bad value stops a run when its config
+is read, before any stage spends compute. Relations between fields (``keep <= num_samples``) are checked
+by the config class's ``__post_init__``; :func:`build` reports its ``ValueError`` with the section's origin.
+Overrides use dotted keys and YAML scalars: ``critic.lr=1e-4 run.iterations=2``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import operator
 import types
 import typing
 from dataclasses import fields, is_dataclass
@@ -34,14 +39,60 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Optional[Callable[[], Any]] = None,
-           identity: bool = True, flag: Optional[str] = None) -> Any:
+           identity: bool = True, flag: Optional[str] = None, ge: Optional[float] = None, gt: Optional[float] = None,
+           le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[tuple] = None) -> Any:
     """A dataclass field with its doc (one line, shown by ``dapo-mcore <stage> --help``), whether it is part
-    of the stage's identity (``identity=False``: excluded from the digest), and an optional launcher ``flag``
-    (e.g. ``"--tp"``). ``factory`` makes the default (mutable values, nested sections)."""
-    meta = {"doc": doc, "identity": identity, "flag": flag}
+    of the stage's identity (``identity=False``: excluded from the digest), the values it accepts (``ge``,
+    ``gt``, ``le``, ``lt``: bounds of a number; ``choices``: the allowed values; ``None`` always passes, for
+    ``Optional`` fields) and an optional launcher ``flag`` (e.g. ``"--tp"``). ``factory`` makes the default
+    (mutable values, nested sections)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"doc": doc, "identity": identity, "flag": flag, "bounds": bounds,
+            "choices": tuple(choices) if choices is not None else None}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+class Checked:
+    """Base of a config dataclass: constructing one (from a file by :func:`build`, or in Python) refuses a value
+    that its field's :func:`option` declaration does not accept. A subclass's ``__post_init__`` (relations
+    between fields) calls ``super().__post_init__()`` first."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            problem = value_problem(f, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"{f.name} {problem}")
+
+
+_BOUNDS = {"gt": (">", operator.gt), "ge": (">=", operator.ge), "lt": ("<", operator.lt), "le": ("<=", operator.le)}
+
+
+def accepted(f: dataclasses.Field) -> str:
+    """The values field ``f`` accepts, in words (``">= 1"``, ``"> 0 and < 1"``, ``"one of a | b"``), or ``""``."""
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        return "one of " + " | ".join(repr(c) if c == "" else str(c) for c in choices)
+    bounds = f.metadata.get("bounds") or {}
+    return " and ".join(f"{sym} {bounds[k]}" for k, (sym, _) in _BOUNDS.items() if k in bounds)
+
+
+def value_problem(f: dataclasses.Field, value: Any) -> Optional[str]:
+    """Why ``value`` is not accepted by field ``f`` (``"must be >= 1, got 0"``, with a close choice when one
+    exists), or None when it is (``None`` always is)."""
+    if value is None:
+        return None
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        if value in choices:
+            return None
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        return f"must be {accepted(f)}, got {value!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    bounds = f.metadata.get("bounds") or {}
+    if all(op(value, bounds[k]) for k, (_, op) in _BOUNDS.items() if k in bounds):
+        return None
+    return f"must be {accepted(f)}, got {value!r}"
 
 
 def _type_name(t) -> str:
@@ -82,6 +133,8 @@ def describe(cls, prefix: str, filled: Optional[dict[str, str]] = None) -> list[
             rows.append((key, _type_name(hints[f.name]), "", f"set by the pipeline: {filled[key]}"))
             continue
         default = repr(getattr(defaults, f.name)) if defaults is not None else "(required)"
+        if f.metadata.get("bounds"):
+            doc = f"{doc} [{accepted(f)}]"
         rows.append((key, _type_name(hints[f.name]), default, doc))
     return rows
 
@@ -109,8 +162,8 @@ def flag_options(cls, prefix: str) -> dict[str, tuple[str, Any]]:
 
 
 def add_flags(parser, cls) -> None:
-    """One ``--field-name`` option per field of the flat dataclass ``cls`` (its default, its type; a
-    bool as ``--x/--no-x``; the field's :func:`option` doc as help). :func:`from_flags` reads them back."""
+    """One ``--field-name`` option per field of the flat dataclass ``cls`` (its default, its type and accepted
+    values; a bool as ``--x/--no-x``; the field's :func:`option` doc as help). :func:`from_flags` reads them back."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -118,7 +171,19 @@ def add_flags(parser, cls) -> None:
         if hints[f.name] is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=doc)
         else:
-            parser.add_argument(name, type=hints[f.name], default=default, help=doc)
+            parser.add_argument(name, type=_flag_type(f, hints[f.name]), default=default, help=doc)
+
+
+def _flag_type(f: dataclasses.Field, typ) -> Callable[[str], Any]:
+    """argparse ``type`` of field ``f``: ``typ`` of the text, refused (a usage error) outside the accepted values."""
+    def convert(text: str) -> Any:
+        value = typ(text)
+        problem = value_problem(f, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    convert.__name__ = getattr(typ, "__name__", "value")
+    return convert
 
 
 def from_flags(cls, args):
@@ -315,7 +380,8 @@ def build(cls, data: dict, origins: Optional[dict[str, str]] = None, prefix: str
     """
     origins = origins or {}
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    declared = {f.name: f for f in fields(cls)}
+    names = list(declared)
     kw = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -325,14 +391,22 @@ def build(cls, data: dict, origins: Optional[dict[str, str]] = None, prefix: str
                 f" (valid keys: {', '.join(names)})"
             raise ConfigError(f"{where(key, origins)}unknown config key {key!r}{hint}")
         kw[k] = _check(v, hints[k], key, origins)
+        problem = value_problem(declared[k], kw[k])
+        if problem:
+            raise ConfigError(f"{where(key, origins)}{key} {problem}")
     try:
         obj = cls(**kw)
     except TypeError as e:
         raise ConfigError(f"{where(prefix, origins)}section {prefix or cls.__name__!r}: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{where(prefix, origins)}{prefix or cls.__name__}: {e}") from None
+    except ValueError as e:     # a relation between fields (__post_init__): name the overrides it involves
+        at = where(prefix, origins)
+        set_by = sorted({origins[o] for o in (f"{prefix}.{k}" if prefix else str(k) for k in data)
+                         if origins.get(o, "").startswith("override") and origins[o] + ": " != at})
+        note = f" ({', '.join(set_by)})" if set_by else ""
+        raise ConfigError(f"{at}{prefix or cls.__name__}: {e}{note}") from None
     return obj
 
 
-__all__ = ["ConfigError", "option", "describe", "identity", "flag_options", "to_dict", "read_yaml", "parse_override",
+__all__ = ["ConfigError", "Checked", "option", "accepted", "value_problem", "describe",
+           "identity", "flag_options", "to_dict", "read_yaml", "parse_override",
            "flatten_keys", "apply_overrides", "where", "build"]

@@ -93,3 +93,20 @@ def test_every_subpackage_is_packaged():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "dapo_mcore").rglob("__init__.py")}
     assert found - listed == set(), f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_the_worked_example_of_adding_a_stage_still_applies(tmp_path):
+    """docs/architecture.md shows the whole diff that adds a stage; it must apply to today's tree (``git apply
+    --check``: the table's context lines, and the new package not existing yet)."""
+    import shutil
+    import subprocess
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    diff = text.split("```diff\n", 1)[1].split("\n```", 1)[0] + "\n"
+    (tmp_path / "passrate.diff").write_text(diff)
+    git = shutil.which("git")
+    assert git, "git is needed to check the worked example"
+    r = subprocess.run([git, "apply", "--check", str(tmp_path / "passrate.diff")], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dapo_mcore/passrate/stage.py" in diff and "class PassRateConfig(Checked)" in diff

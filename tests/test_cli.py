@@ -92,6 +92,23 @@ def test_bad_key_is_one_clear_line(tmp_path, capsys):
     assert f"{cfg}:7: unknown config key 'toy.sft_step'" in err and "did you mean 'toy.sft_steps'" in err
 
 
+def test_bad_value_of_a_late_stage_stops_the_run_before_any_compute(tmp_path, capsys):
+    """actor.beta is read by stage 5; the run refuses it when it reads the config, before the toy build and
+    stages 1-4 (hours at scale), with the key, the accepted values and where the value came from."""
+    cfg = _cfg(tmp_path)
+    cfg.write_text(cfg.read_text() + "actor:\n  beta: -0.5\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"{cfg}:11: actor.beta must be > 0, got -0.5" in err
+    assert not (tmp_path / "run").exists()                  # nothing built, nothing written
+    cfg.write_text(cfg.read_text().replace("beta: -0.5", "beta: 0.1"))
+    assert main(["run", str(cfg), "generate.keep=5"]) == 2
+    err = capsys.readouterr().err
+    assert "generate: keep (M=5) must be <= num_samples (K=4) (override 'generate.keep=5')" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_inputs_are_one_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Run config: YAML + overrides, strict keys with file:line and close matches, types, round trip."""
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -73,7 +74,21 @@ def test_unknown_nested_key_and_section(tmp_path):
     ("run.stages=generate", r"run\.stages: expected a list"),
     ("run.stages=[generate, sample]", r"unknown stage\(s\) \['sample'\]"),
     ("critic=3", r"section 'critic' must be a mapping"),
-    ("run.iterations=0", r"run\.iterations must be >= 1"),
+    ("run.iterations=0", r"override 'run\.iterations=0': run\.iterations must be >= 1, got 0"),
+    ("generate.num_samples=-3", r"generate\.num_samples must be >= 1, got -3"),
+    ("actor.beta=0", r"actor\.beta must be > 0, got 0"),
+    ("critic.heldout_fraction=1", r"critic\.heldout_fraction must be >= 0 and < 1, got 1"),
+    ("mc.top_p=1.5", r"mc\.top_p must be > 0 and <= 1, got 1\.5"),
+    ("advantage.gap_threshold=-0.1", r"advantage\.gap_threshold must be >= 0"),
+    ("critic.decay_style=cosin", r"critic\.decay_style must be one of constant \| linear \| cosine, got 'cosin'; "
+                                 r"did you mean 'cosine'\?"),
+    ("generate.backend.kind=sglan", r"generate\.backend\.kind must be one of embedded \| sglang.*'sglang'"),
+    ("critic.parallel.tensor_model_parallel_size=0", r"tensor_model_parallel_size must be >= 1, got 0"),
+    ("actor.ops_impl=cuda", r"actor\.ops_impl must be one of auto \| triton \| cpp \| reference"),
+    ("run.budget=token", r"run\.budget must be one of samples \| tokens.*did you mean 'tokens'"),
+    ("mc.top_k=0", r"^override 'mc\.top_k=0': mc: top_k must be -1 \(off\) or >= 1, got 0$"),
+    ("critic.min_lr=1", r"cfg\.yaml:\d+: critic: need 0 <= min_lr <= lr .*\(override 'critic\.min_lr=1'\)$"),
+    ("mc.delimiter=", r"mc: delimiter must be a non-empty string"),
     ("generate.problems=a.jsonl", r"'generate\.problems' is filled by the pipeline from data\.train"),
     ("actor.init_path=x", r"'actor\.init_path' is filled by the pipeline"),
     ("critic.lr", r"expected dotted\.key=value"),
@@ -81,6 +96,64 @@ def test_unknown_nested_key_and_section(tmp_path):
 def test_bad_values(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         load_run_config(write(tmp_path, BASE), [override])
+
+
+def test_bad_value_in_file_names_its_line(tmp_path):
+    p = write(tmp_path, BASE.replace("  lr: 5e-6", "  lr: -5e-6"))
+    with pytest.raises(ConfigError, match=rf"{p}:11: critic\.lr must be > 0, got -5e-06"):
+        load_run_config(p)
+    p = write(tmp_path, BASE + "generate:\n  num_samples: 4\n  keep: 6\n")
+    with pytest.raises(ConfigError, match=rf"{p}:14: generate: keep \(M=6\) must be <= num_samples \(K=4\)$"):
+        load_run_config(p)          # a relation: the section's line
+    with pytest.raises(ConfigError, match=r"critic: need 0 <= min_lr <= lr.*\(override 'critic\.min_lr=1e-5'\)"):
+        load_run_config(write(tmp_path, BASE), ["critic.min_lr=1e-5"])
+
+
+def _fields(cls, prefix=""):
+    """``(dotted key, field, declaring class)`` of every leaf field under config dataclass ``cls``."""
+    import typing
+
+    from dapo_mcore.config import _section_type
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        sub = _section_type(hints[f.name])
+        if sub is not None:
+            yield from _fields(sub, key)
+        else:
+            yield key, f, cls
+
+
+def test_every_default_is_accepted_and_every_bound_is_shown_by_help():
+    from dapo_mcore.config import describe, value_problem
+    from dapo_mcore.run.schema import RunConfig, ToySection
+
+    rows = {key: doc for key, _, _, doc in describe(RunConfig, "") + describe(ToySection, "toy")}
+    checked = 0
+    for key, f, cls in list(_fields(RunConfig)) + list(_fields(ToySection, "toy")):
+        default = None if f.default is dataclasses.MISSING else f.default
+        assert value_problem(f, default) is None, (key, default)
+        if f.metadata.get("bounds"):
+            checked += 1
+            assert rows[key].endswith("]") and ("<" in rows[key] or ">" in rows[key]), (key, rows[key])
+        for c in f.metadata.get("choices") or ():
+            assert c == "" or c in f.metadata["doc"], (key, c)     # the doc names every choice
+    assert checked >= 60
+
+
+def test_a_redeclared_field_keeps_its_declared_values():
+    """A stage config that redeclares a shared field (a new default) must not drop its bounds or choices."""
+    from dapo_mcore.run.stages import SECTIONS
+    for name, cls in SECTIONS.items():
+        for base in cls.__mro__[1:]:
+            if not dataclasses.is_dataclass(base):
+                continue
+            inherited = {f.name: f for f in dataclasses.fields(base)}
+            for f in dataclasses.fields(cls):
+                g = inherited.get(f.name)
+                if g is not None:
+                    assert (f.metadata.get("bounds"), f.metadata.get("choices")) == \
+                        (g.metadata.get("bounds"), g.metadata.get("choices")), (name, f.name, base.__name__)
 
 
 def test_type_error_in_file_has_line(tmp_path):
@@ -146,3 +219,36 @@ def test_add_flags_round_trip_and_bool_flags():
     assert "how many steps" in p.format_help()
     with pytest.raises(SystemExit):
         p.parse_args(["--steps", "x"])
+
+    @dataclass
+    class Bounded:
+        steps: int = option(3, "how many steps", ge=1)
+        mode: str = option("a", "a | b", choices=("a", "b"))
+
+    p = argparse.ArgumentParser()
+    add_flags(p, Bounded)
+    assert from_flags(Bounded, p.parse_args(["--steps", "2", "--mode", "b"])) == Bounded(2, "b")
+    for bad in (["--steps", "0"], ["--mode", "c"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
+def test_constructing_a_config_in_python_checks_the_same_declarations():
+    from dapo_mcore.actor.train import ActorConfig
+    from dapo_mcore.generate.stage import GenerateConfig
+    from dapo_mcore.rollout.backend_config import BackendConfig
+
+    with pytest.raises(ValueError, match=r"^beta must be > 0, got 0$"):
+        ActorConfig(beta=0)
+    with pytest.raises(ValueError, match=r"^lr must be > 0, got -1"):
+        ActorConfig(lr=-1.0)
+    with pytest.raises(ValueError, match=r"keep \(M=9\) must be <= num_samples \(K=4\)"):
+        GenerateConfig(num_samples=4, keep=9)
+    with pytest.raises(ValueError, match=r"temperature must be >= 0"):
+        GenerateConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match=r"kind must be one of embedded \| sglang, got 'sglan'; did you mean 'sglang'"):
+        BackendConfig("sglan")
+    cfg = dataclasses.replace(GenerateConfig(), num_samples=23, keep=23)     # how the RFT unit fills both
+    assert (cfg.num_samples, cfg.keep) == (23, 23)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        dataclasses.replace(cfg, num_samples=0, keep=0)

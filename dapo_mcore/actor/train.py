@@ -29,6 +29,7 @@ from dapo_mcore.config import option
 from dapo_mcore.data.shards import iter_records
 from dapo_mcore.models.convert import save_hf_checkpoint
 from dapo_mcore.ops import fused_dapo_loss
+from dapo_mcore.ops.dispatch import IMPLS
 from dapo_mcore.packing import dp_share
 from dapo_mcore.parallel.runtime import initialize_parallel
 from dapo_mcore.training.config import TrainingConfig
@@ -42,20 +43,18 @@ class ActorConfig(TrainingConfig):
     """Stage 5 (train-actor). Paper: β 0.01–0.02, lr 5e-7, global batch 2048 actions, 1 epoch."""
 
     init_path: str = option("", "HF checkpoint of the reference policy (π_ref), the actor's start", identity=False)
-    lr: float = option(5e-7, "peak learning rate")
-    beta: float = option(0.01, "β of the DAPO loss (A/β is the log-ratio target)")
-    global_batch_actions: int = option(2048, "actions per optimizer step (whole states)", flag="--global-batch")
+    lr: float = option(5e-7, "peak learning rate", gt=0)
+    beta: float = option(0.01, "β of the DAPO loss (A/β is the log-ratio target)", gt=0)
+    global_batch_actions: int = option(2048, "actions per optimizer step (whole states)", flag="--global-batch",
+                                       ge=1)
     shared_prefix: bool = option(True, "pack a state once with all its actions (False: each (s, a) its own "
                                        "document, the baseline)")
-    ops_impl: Optional[str] = option(None, "force the fused ops' backend: cpp | triton | reference (default: auto)")
+    ops_impl: Optional[str] = option(None, "force the fused ops' backend: auto | triton | cpp | reference "
+                                              "(default: auto)", choices=IMPLS)
 
     def validate(self) -> None:
         if not self.init_path:
             raise ValueError("actor.init_path is required (the reference policy HF checkpoint)")
-        if not self.beta > 0:
-            raise ValueError(f"actor.beta must be > 0, got {self.beta}")
-        if self.global_batch_actions < 1:
-            raise ValueError(f"actor.global_batch_actions must be >= 1, got {self.global_batch_actions}")
 
 
 def dapo_forward_step(beta: float, impl: Optional[str] = None):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dapo_mcore.advantage.core import advantages, keep_state, ranking_agreement, scorable, select_q, unique_actions
-from dapo_mcore.config import identity, option
-from dapo_mcore.data.shards import ShardedWriter, chunk, input_identity, iter_records, write_summary
+from dapo_mcore.config import Checked, identity, option
+from dapo_mcore.data.shards import FORMATS, ShardedWriter, chunk, input_identity, iter_records, write_summary
 from dapo_mcore.parallel.runtime import ParallelConfig, initialize_parallel
 from dapo_mcore.training.logprobs import ActionGroup, reference_logprobs
 from dapo_mcore.training.loop import load_chunks, pad_token_id
@@ -36,33 +36,29 @@ SOURCES = ("critic", "outcome")
 
 
 @dataclass
-class AdvantageConfig:
+class AdvantageConfig(Checked):
     """Stage 4 (advantage): forward-only (no optimizer); the critic and the reference run on every rank."""
 
     critic_path: str = option("", "HF value model (the critic stage's hf/); unused with source=outcome",
                               identity=False)
     reference_path: str = option("", "HF policy whose log-probs are stored (the generator, π_ref)", identity=False)
     source: str = option("critic", "Q of an action: critic (V(s ⊕ a)) | outcome (mean reward of the completions "
-                                   "it started)")
+                                   "it started)", choices=SOURCES)
     terminal_reward: bool = option(True, "an action that ends the solution takes its verified reward as Q")
-    gap_threshold: float = option(0.1, "keep states whose advantage gap max A − min A is at least this")
-    min_actions: int = option(2, "unique actions a state needs")
-    token_budget: int = option(4096, "tokens per packed row")
-    rows_per_microbatch: int = option(1, "packed rows stacked per micro-batch", flag="--micro-batch")
-    shard_size: int = option(512, "states per output shard (the unit of resume)")
-    fmt: str = option("parquet", "shard format: parquet | jsonl")
+    gap_threshold: float = option(0.1, "keep states whose advantage gap max A − min A is at least this", ge=0)
+    min_actions: int = option(2, "unique actions a state needs", ge=2)
+    token_budget: int = option(4096, "tokens per packed row", ge=1)
+    rows_per_microbatch: int = option(1, "packed rows stacked per micro-batch", flag="--micro-batch", ge=1)
+    shard_size: int = option(512, "states per output shard (the unit of resume)", ge=1)
+    fmt: str = option("parquet", "shard format: parquet | jsonl", choices=FORMATS)
     show_progress: bool = option(True, "progress bar", identity=False)
     parallel: ParallelConfig = option(factory=ParallelConfig, doc="layout and fast paths")
 
     def validate(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"advantage.source must be one of {SOURCES}, got {self.source!r}")
         if self.source == "critic" and not self.critic_path:
             raise ValueError("advantage.critic_path is required with source='critic'")
         if not self.reference_path:
             raise ValueError("advantage.reference_path is required (the policy whose log-probs are stored)")
-        if self.min_actions < 2:
-            raise ValueError(f"advantage.min_actions must be >= 2, got {self.min_actions}")
 
 
 def _candidates(mc_dir, min_actions: int, source: str = "critic",

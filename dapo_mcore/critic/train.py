@@ -20,8 +20,8 @@ from dapo_mcore.config import option
 from dapo_mcore.critic.data import (CriticExample, completion_examples, is_heldout, pack_examples, read_mc,
                                     solution_examples, split_by_problem, truncate)
 from dapo_mcore.critic.metrics import calibration_plot, critic_metrics
-from dapo_mcore.critic.tree import (build_trees, node_weight, pack_pieces, prune, split_completion, tree_pieces,
-                                    tree_stats)
+from dapo_mcore.critic.tree import (WEIGHTINGS, build_trees, node_weight, pack_pieces, prune, split_completion,
+                                    tree_pieces, tree_stats)
 from dapo_mcore.models.convert import save_hf_checkpoint
 from dapo_mcore.models.gpt import model_packing
 from dapo_mcore.models.hf_config import load_arch
@@ -30,28 +30,30 @@ from dapo_mcore.parallel.runtime import initialize_parallel
 from dapo_mcore.training.config import TrainingConfig
 from dapo_mcore.training.loop import (epoch_batches, load_chunks, make_trainer, pad_token_id, resume, run_loop,
                                       save_summary, tensorboard_scalars)
-from dapo_mcore.training.trainer import make_loss_fn
+from dapo_mcore.training.trainer import DECAY_STYLES, make_loss_fn
 from dapo_mcore.training.values import values_by_example
-from dapo_mcore.verify.steps import action_ranking, state_is_clean, step_checker
+from dapo_mcore.verify.steps import STEP_CHECKERS, action_ranking, state_is_clean, step_checker
 
 
 @dataclass
 class CriticConfig(TrainingConfig):
     """Stage 3 (train-critic). Paper: 1 epoch, lr 5e-6, global batch 512 examples."""
 
-    lr: float = option(5e-6, "peak learning rate")
-    decay_style: str = option("cosine", "decay after warm-up: constant | linear | cosine")
-    global_batch: int = option(512, "examples per optimizer step", flag="--global-batch")
+    lr: float = option(5e-6, "peak learning rate", gt=0)
+    decay_style: str = option("cosine", "decay after warm-up: constant | linear | cosine", choices=DECAY_STYLES)
+    global_batch: int = option(512, "examples per optimizer step", flag="--global-batch", ge=1)
     max_length: Optional[int] = option(None, "tokens per example at most (default: the model's "
-                                             "max_position_embeddings)")
+                                             "max_position_embeddings)", ge=1)
     use_completions: bool = option(False, "also train on MC completions, labelled with their single-sample outcome")
-    heldout_fraction: float = option(0.1, "fraction of problems held out for the calibration metrics")
+    heldout_fraction: float = option(0.1, "fraction of problems held out for the calibration metrics", ge=0, lt=1)
     data: str = option("examples", "examples: one sequence per solution / completion; tree: one prefix tree per "
-                                   "problem, each distinct step-prefix once (dapo_mcore.critic.tree)")
-    tree_weighting: str = option("count", "tree: a label's weight: count (rollouts through the node) | sqrt | one")
-    tree_min_count: int = option(1, "tree: drop nodes fewer rollouts passed through (2: no single-rollout tails)")
+                                   "problem, each distinct step-prefix once (dapo_mcore.critic.tree)",
+                     choices=("examples", "tree"))
+    tree_weighting: str = option("count", "tree: a label's weight: count (rollouts through the node) | sqrt | one",
+                                 choices=WEIGHTINGS)
+    tree_min_count: int = option(1, "tree: drop nodes fewer rollouts passed through (2: no single-rollout tails)", ge=1)
     step_checker: str = option("", "task step checker for the held-out ranking diagnostics ('chain'); "
-                                   "diagnostics only", identity=False)
+                                   "diagnostics only", identity=False, choices=("", *STEP_CHECKERS))
 
 
 def value_forward_step(model, batch: dict):
@@ -185,8 +187,6 @@ def run_train_critic(cfg: CriticConfig, mc_dir: str | Path, out_dir: str | Path)
     tok = AutoTokenizer.from_pretrained(cfg.init_path)
     pad_id = pad_token_id(tok)
     max_len = min(cfg.max_length or arch.max_position_embeddings, cfg.token_budget)
-    if cfg.data not in ("examples", "tree"):
-        raise ValueError(f"critic.data must be 'examples' or 'tree', got {cfg.data!r}")
     train, val, counts = _build_examples(cfg, mc_dir, tok, max_len)
     if cfg.data == "tree":
         records = read_mc(mc_dir)

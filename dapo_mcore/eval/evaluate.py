@@ -12,26 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dapo_mcore.config import option
+from dapo_mcore.config import Checked, option
 from dapo_mcore.data.problems import PROMPT_TEMPLATE_DEFAULT, PromptTemplate, read_problems
 from dapo_mcore.data.shards import atomic_write_bytes, atomic_write_json, chunk
 from dapo_mcore.eval.stats import wilson_interval
 from dapo_mcore.rollout.backend import GenRequest, SamplingParams
 from dapo_mcore.rollout.common import BackendConfig, make_backend, progress
-from dapo_mcore.verify import make_verifier
+from dapo_mcore.verify import VERIFIERS, make_verifier
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Stage 6 (eval). Paper: zero-shot greedy, at most 2048 new tokens. The verifier and prompt settings must
     match generation (the pipeline copies them from the generate section)."""
 
-    max_new_tokens: int = option(2048, "new tokens per answer at most (greedy)")
-    batch_requests: int = option(64, "problems sent to the backend at once", identity=False)
-    confidence: float = option(0.95, "confidence of the Wilson and paired intervals")
-    limit: int = option(0, "first N problems of each set (0: all)")
-    verifier: str = option("exact", "answer verifier: exact | math | code")
-    verify_timeout_s: float = option(5.0, "verifier time limit per answer")
+    max_new_tokens: int = option(2048, "new tokens per answer at most (greedy)", ge=1)
+    batch_requests: int = option(64, "problems sent to the backend at once", identity=False, ge=1)
+    confidence: float = option(0.95, "confidence of the Wilson and paired intervals", gt=0, lt=1)
+    limit: int = option(0, "first N problems of each set (0: all)", ge=0)
+    verifier: str = option("exact", "answer verifier: exact | math | code", choices=tuple(VERIFIERS))
+    verify_timeout_s: float = option(5.0, "verifier time limit per answer", gt=0)
     prompt_template: str = option(PROMPT_TEMPLATE_DEFAULT, "auto (the tokenizer's chat template if it has one, else the problem text) | chat | a format string with {prompt}")
     system_prompt: Optional[str] = option(None, "system message of the 'chat' template")
     show_progress: bool = option(True, "progress bar", identity=False)

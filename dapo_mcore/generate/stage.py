@@ -30,14 +30,19 @@ class GenerateConfig(RolloutConfig):
     problems: str = option("", "problem set (JSONL or parquet with id / prompt / answer)", identity=False)
     model_path: str = option("", "HF checkpoint of the generator (tokenizer; the model of the embedded backend)",
                              identity=False)
-    num_samples: int = option(8, "K: samples per problem")
-    keep: int = option(4, "M: samples kept per problem, correct and wrong as balanced as possible")
+    num_samples: int = option(8, "K: samples per problem", ge=1)
+    keep: int = option(4, "M: samples kept per problem, correct and wrong as balanced as possible", ge=1)
     prompt_template: str = option(PROMPT_TEMPLATE_DEFAULT, "auto (the tokenizer's chat template if it has one, "
                                   "else the problem text) | chat | a format string with {prompt}")
     system_prompt: Optional[str] = option(None, "system message of the 'chat' template")
-    shard_size: int = option(64, "problems per output shard (the unit of resume)")
-    batch_requests: int = option(16, "problems sent to the backend at once", identity=False)
+    shard_size: int = option(64, "problems per output shard (the unit of resume)", ge=1)
+    batch_requests: int = option(16, "problems sent to the backend at once", identity=False, ge=1)
     skip_bad_rows: bool = option(False, "skip malformed problem rows (counted) instead of stopping")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.keep > self.num_samples:
+            raise ValueError(f"keep (M={self.keep}) must be <= num_samples (K={self.num_samples})")
 
 
 def select_balanced(rewards: list[float], keep: int) -> list[int]:
@@ -58,8 +63,6 @@ def run_generate(cfg: GenerateConfig, out_dir: str | Path, backend=None, overwri
     if not cfg.model_path:
         raise ValueError("generate.model_path is required (the generator's HF checkpoint)")
     pset = read_problems(cfg.problems, cfg.skip_bad_rows)      # validated before any compute
-    if cfg.keep > cfg.num_samples:
-        raise ValueError(f"keep (M={cfg.keep}) must be <= num_samples (K={cfg.num_samples})")
     tok = AutoTokenizer.from_pretrained(cfg.model_path)
     tmpl = PromptTemplate(cfg.prompt_template, cfg.system_prompt)
     prompt_ids = {p.id: tmpl.render_ids(p, tok) for p in pset.problems}

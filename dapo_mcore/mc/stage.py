@@ -40,14 +40,20 @@ class MCConfig(RolloutConfig):
     """Stage 2 (mc). Paper: N=16."""
 
     model_path: str = option("", "HF checkpoint of the completer (pi_ref)", identity=False)
-    num_completions: int = option(16, "N: completions per state")
+    num_completions: int = option(16, "N: completions per state", ge=1)
     delimiter: str = option("\n", "step delimiter")
-    max_context: Optional[int] = option(None, "context length (default: the model's max_position_embeddings)")
+    max_context: Optional[int] = option(None, "context length (default: the model's max_position_embeddings)",
+                                         ge=1)
     num_actions: int = option(0, "extra one-step candidate actions per state, sampled up to the delimiter and "
-                                 "never completed (only a critic can score them)")
-    action_max_tokens: int = option(64, "token limit of a one-step candidate action")
-    shard_size: int = option(256, "states per output shard (the unit of resume)")
-    batch_requests: int = option(32, "states sent to the backend at once", identity=False)
+                                 "never completed (only a critic can score them)", ge=0)
+    action_max_tokens: int = option(64, "token limit of a one-step candidate action", ge=1)
+    shard_size: int = option(256, "states per output shard (the unit of resume)", ge=1)
+    batch_requests: int = option(32, "states sent to the backend at once", identity=False, ge=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.delimiter:
+            raise ValueError("delimiter must be a non-empty string (the text that ends a step)")
 
 
 def collect_states(in_dir: str | Path, token_bytes: TokenBytes, delimiter: str, max_context: int,

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from dapo_mcore.config import option
+from dapo_mcore.config import Checked, option
 from dapo_mcore.parallel import cpu_patches
 from dapo_mcore.parallel.fast_paths import FastPathConfig, FastPathError, ResolvedPaths, resolve
 
@@ -24,23 +24,23 @@ class ParallelConfigError(ValueError):
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Checked):
     """Model-parallel layout and the fast-path switch. DP is derived: ``world_size // (tp * pp * cp)``.
 
     ``fast_paths`` (:class:`FastPathConfig`) chooses bf16, recompute, the distributed optimizer, overlap and
     the attention/packing kernels; :meth:`paths` resolves it for this machine and layout."""
 
-    tensor_model_parallel_size: int = option(1, "tensor-parallel size (TP)", flag="--tp")
-    pipeline_model_parallel_size: int = option(1, "pipeline-parallel size (PP)", flag="--pp")
+    tensor_model_parallel_size: int = option(1, "tensor-parallel size (TP)", flag="--tp", ge=1)
+    pipeline_model_parallel_size: int = option(1, "pipeline-parallel size (PP)", flag="--pp", ge=1)
     virtual_pipeline_model_parallel_size: Optional[int] = option(None, "virtual pipeline chunks per PP rank",
-                                                                 flag="--vpp")
-    context_parallel_size: int = option(1, "context-parallel size (CP; Transformer Engine attention)")
+                                                                 flag="--vpp", ge=1)
+    context_parallel_size: int = option(1, "context-parallel size (CP; Transformer Engine attention)", ge=1)
     expert_model_parallel_size: int = option(1, "expert-parallel size (EP; MoE models: experts split over EP "
-                                             "ranks, inside DP x CP)", flag="--ep")
+                                             "ranks, inside DP x CP)", flag="--ep", ge=1)
     sequence_parallel: bool = option(False, "megatron sequence parallelism (GPU, TP > 1)",
                                      flag="--sequence-parallel")
     seed: int = option(1234, "megatron's model-parallel RNG seed")
-    timeout_minutes: int = option(30, "process-group timeout")
+    timeout_minutes: int = option(30, "process-group timeout (minutes)", ge=1)
     fast_paths: FastPathConfig = option(factory=FastPathConfig, doc="the fast-path switch")
 
     def paths(self, cuda: Optional[bool] = None) -> ResolvedPaths:

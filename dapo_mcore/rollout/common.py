@@ -7,28 +7,34 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from dapo_mcore.config import option
-from dapo_mcore.data.shards import chunk, write_summary
+from dapo_mcore.config import Checked, option
+from dapo_mcore.data.shards import FORMATS, chunk, write_summary
 from dapo_mcore.rollout.backend import GenerationBackend
 from dapo_mcore.rollout.embedded import EmbeddedEngine, EngineConfig
 from dapo_mcore.rollout.backend_config import BackendConfig
 from dapo_mcore.rollout.fleet import open_backend
+from dapo_mcore.verify import VERIFIERS
 
 
 @dataclass(kw_only=True)
-class RolloutConfig:
+class RolloutConfig(Checked):
     """The settings the rollout stages (generate, mc) share: sampling, verification, output, backend."""
 
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling threshold")
-    top_k: int = option(-1, "top-k sampling (-1: off)")
-    max_new_tokens: int = option(256, "new tokens per sample at most")
-    verifier: str = option("exact", "answer verifier: exact | math | code")
-    verify_timeout_s: float = option(5.0, "verifier time limit per sample (per test for code)")
+    temperature: float = option(1.0, "sampling temperature (0: greedy)", ge=0)
+    top_p: float = option(1.0, "nucleus sampling threshold", gt=0, le=1)
+    top_k: int = option(-1, "top-k sampling (-1: off; else >= 1)", ge=-1)
+    max_new_tokens: int = option(256, "new tokens per sample at most", ge=1)
+    verifier: str = option("exact", "answer verifier: exact | math | code", choices=tuple(VERIFIERS))
+    verify_timeout_s: float = option(5.0, "verifier time limit per sample (per test for code)", gt=0)
     seed: int = option(0, "sampling seed (each request's: derived from it and the problem or state id)")
-    fmt: str = option("parquet", "shard format: parquet | jsonl")
+    fmt: str = option("parquet", "shard format: parquet | jsonl", choices=FORMATS)
     show_progress: bool = option(True, "progress bar", identity=False)
     backend: BackendConfig = option(factory=BackendConfig, doc="generation backend")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1, got 0")
 
 
 def make_backend(cfg: BackendConfig, model_path: str) -> GenerationBackend:

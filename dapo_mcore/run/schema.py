@@ -14,7 +14,8 @@ from typing import Optional
 
 import yaml
 
-from dapo_mcore.config import ConfigError, apply_overrides, build, flatten_keys, option, read_yaml, to_dict, where
+from dapo_mcore.config import (Checked, ConfigError, apply_overrides, build, flatten_keys, option, read_yaml, to_dict,
+                               where)
 from dapo_mcore.parallel.fast_paths import FastPathConfig
 from dapo_mcore.parallel.runtime import ParallelConfigError
 from dapo_mcore.run.stages import CONTROLS, FILLED, MAIN, SECTIONS, STAGES
@@ -24,11 +25,11 @@ DISTRIBUTED_SECTIONS = tuple(dict.fromkeys(s.section for s in STAGES if s.distri
 
 
 @dataclass
-class RunSection:
+class RunSection(Checked):
     out_dir: str = option("runs/dapo", "the run directory")
     seed: int = option(0, "seed of every stage (+1000 per iteration)")
-    iterations: int = option(1, "DAPO iterations: iteration k+1's reference is iteration k's actor")
-    nproc: int = option(1, "processes of the distributed stages (raised to a stage's TP x PP x CP)")
+    iterations: int = option(1, "DAPO iterations: iteration k+1's reference is iteration k's actor", ge=1)
+    nproc: int = option(1, "processes of the distributed stages (raised to a stage's TP x PP x CP)", ge=1)
     stages: list[str] = option(factory=lambda: list(MAIN), doc=f"stages per iteration, in order; of {list(MAIN)}")
     controls: list[str] = option(factory=list, doc=f"controls per iteration, of {list(CONTROLS)}: outcome (advantages "
                                                    "from the MC outcomes, no critic), rft (rejection-sampling "
@@ -36,8 +37,8 @@ class RunSection:
     controls_first_only: bool = option(False, "run the controls in iteration 0 only (iterative DAPO against "
                                               "one-shot controls)")
     budget: str = option("samples", "how RFT's generation budget matches DAPO's generate + mc: samples (each "
-                                    "sample counts one) | tokens (the generated tokens)")
-    outcome_beta: Optional[float] = option(None, "beta of the outcome-only control's actor (default: actor.beta)")
+                                    "sample counts one) | tokens (the generated tokens)", choices=BUDGETS)
+    outcome_beta: Optional[float] = option(None, "beta of the outcome-only control's actor (default: actor.beta)", gt=0)
 
 
 @dataclass
@@ -53,16 +54,16 @@ class DataSection:
 
 
 @dataclass
-class ToySection:
+class ToySection(Checked):
     """Build a tiny chain-task policy and problem sets under ``<out_dir>/toy`` (CPU smoke runs and demos);
     then ``model.policy`` / ``data.train`` / ``data.eval`` stay empty."""
 
-    train_problems: int = option(64, "training problems")
-    eval_problems: int = option(64, "held-out problems")
-    sft_steps: int = option(150, "fine-tuning steps of the toy policy")
-    carry_error_rate: float = option(0.5, "how often the toy policy's training data drops a carry")
-    min_ops: int = option(3, "operations per problem, at least")
-    max_ops: int = option(5, "operations per problem, at most")
+    train_problems: int = option(64, "training problems", ge=1)
+    eval_problems: int = option(64, "held-out problems", ge=1)
+    sft_steps: int = option(150, "fine-tuning steps of the toy policy", ge=1)
+    carry_error_rate: float = option(0.5, "how often the toy policy's training data drops a carry", ge=0, le=1)
+    min_ops: int = option(3, "operations per problem, at least", ge=1)
+    max_ops: int = option(5, "operations per problem, at most", ge=1)
     seed: int = option(0, "seed of the toy task and policy")
 
 
@@ -118,12 +119,6 @@ def validate(cfg: RunConfig) -> None:
     bad = [c for c in r.controls if c not in CONTROLS]
     if bad:
         raise ConfigError(f"run.controls: unknown control(s) {bad}; choose from {list(CONTROLS)}")
-    if r.budget not in BUDGETS:
-        raise ConfigError(f"run.budget must be one of {list(BUDGETS)}, got {r.budget!r}")
-    if r.iterations < 1:
-        raise ConfigError(f"run.iterations must be >= 1, got {r.iterations}")
-    if r.nproc < 1:
-        raise ConfigError(f"run.nproc must be >= 1, got {r.nproc}")
     for name in DISTRIBUTED_SECTIONS:
         try:
             getattr(cfg, name).parallel.paths(cuda=None)

@@ -24,17 +24,17 @@ from dapo_mcore.training.config import TrainingConfig
 from dapo_mcore.training.logprobs import token_logp
 from dapo_mcore.training.loop import (epoch_batches, load_chunks, make_trainer, pad_token_id, read_metrics, resume,
                                       run_loop, save_summary)
-from dapo_mcore.training.trainer import make_loss_fn
+from dapo_mcore.training.trainer import DECAY_STYLES, make_loss_fn
 
 
 @dataclass
 class SFTConfig(TrainingConfig):
     """Supervised fine-tuning (the ``rft`` section of a run)."""
 
-    lr: float = option(1e-3, "peak learning rate")
-    decay_style: str = option("cosine", "decay after warm-up: constant | linear | cosine")
-    token_budget: int = option(2048, "tokens per packed row")
-    global_batch: int = option(64, "examples per optimizer step", flag="--global-batch")
+    lr: float = option(1e-3, "peak learning rate", gt=0)
+    decay_style: str = option("cosine", "decay after warm-up: constant | linear | cosine", choices=DECAY_STYLES)
+    token_budget: int = option(2048, "tokens per packed row", ge=1)
+    global_batch: int = option(64, "examples per optimizer step", flag="--global-batch", ge=1)
 
 
 @dataclass

@@ -27,6 +27,9 @@ from dapo_mcore.parallel.fast_paths import PORTABLE
 ForwardStep = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Callable]]
 
 
+DECAY_STYLES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class OptimConfig:
     """AdamW + LR schedule (megatron ``OptimizerConfig`` / ``OptimizerParamScheduler``)."""
@@ -44,7 +47,7 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
-        if self.decay_style not in ("constant", "linear", "cosine"):
+        if self.decay_style not in DECAY_STYLES:
             raise ValueError(f"decay_style must be constant, linear or cosine, got {self.decay_style!r}")
 
 
