@@ -218,3 +218,15 @@ def test_reuse_exact_on_llama_with_tied_embeddings(tiny_llama_tied):
             la = torch.tensor([x[0] for x in a["meta_info"]["output_token_logprobs"]])
             lb = torch.tensor([x[0] for x in b["meta_info"]["output_token_logprobs"]])
             torch.testing.assert_close(la, lb, atol=2e-5, rtol=0)
+
+
+def test_no_deprecated_cache_argument(engines):
+    """The engine passes the KV cache under the name this transformers takes (`cache` in 5.24/5.25; its alias
+    `past_key_values` warns there and is removed in 5.40), with and without prefix reuse."""
+    import warnings
+
+    prompts = _prompts(engines[0].tokenizer, n=2)
+    for eng in engines:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*past_key_values.*")
+            eng.generate([GenRequest(ids, SamplingParams(max_new_tokens=4, temperature=0.0, n=2)) for ids in prompts])

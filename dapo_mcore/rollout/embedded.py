@@ -46,6 +46,7 @@ the batch (given equal logits).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 import time
@@ -276,6 +277,10 @@ class EmbeddedEngine:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model_path)
         self.model = model or AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
         self.model.eval()
+        # the KV-cache argument and output field: `cache` in recent transformers (5.24, 5.25: `past_key_values`
+        # is its deprecated alias, removed in 5.40), `past_key_values` in older ones
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         mc = self.model.config
         impl = getattr(mc, "_attn_implementation", None)
         if impl != "sdpa":
@@ -398,8 +403,8 @@ class EmbeddedEngine:
         cfg = self.model.config
         cfg._attn_implementation = _PREFIX_ATTN  # back to sdpa below: decode runs on SDPA
         try:
-            self.model(input_ids=ids, attention_mask=mask.unsqueeze(1), position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, attention_mask=mask.unsqueeze(1), position_ids=pos, use_cache=True,
+                       logits_to_keep=1, **{self._cache_kw: cache})
         finally:
             cfg._attn_implementation = "sdpa"
         return [kv[:, :, b, :, m[b]:m[b] + len(toks[b])].contiguous() for b in range(B)]
@@ -484,9 +489,9 @@ class EmbeddedEngine:
 
     # -- decode ---------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_kw: cache})
+        return out.logits[:, -1, :], getattr(out, self._cache_kw)
 
     def _run_group(self, reqs: list[GenRequest]) -> list[list[dict]]:
         rows = [(ri, j) for ri, r in enumerate(reqs) for j in range(r.params.n)]
