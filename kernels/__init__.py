@@ -12,8 +12,11 @@ import sys
 if __name__ == "kernels":
     # Imported under the folder's own name: the repository root is on sys.path (``python -m ...`` or
     # ``python -c`` run from the checkout) and this folder shadows PyPI's ``kernels`` (Hugging Face's hub
-    # kernels, a dependency of transformers >= 5.25). Load that package in this module's place, or fail
-    # as if no ``kernels`` were installed; this folder is only ever ``dapo_kernels``.
+    # kernels, a dependency of transformers >= 5.25). Load that package in this module's place; where it is
+    # not installed, become what a code-less folder of that name would be, an empty namespace package
+    # (no __file__, no __version__), which availability checks such as transformers' read as "not
+    # installed" (raising here instead breaks ``import transformers`` < 5.25 run from the checkout).
+    # This folder is only ever ``dapo_kernels``.
     import importlib.machinery
     import importlib.util
     import os
@@ -22,15 +25,16 @@ if __name__ == "kernels":
     _path = [p for p in sys.path if os.path.realpath(os.path.abspath(p or os.curdir)) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels' (the folder kernels/ of dapo-mcore imports as "
-                                  "dapo_kernels)", name="kernels")
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _real
-    try:
-        _spec.loader.exec_module(_real)
-    except BaseException:
-        del sys.modules["kernels"]
-        raise
+        sys.modules["kernels"] = importlib.util.module_from_spec(
+            importlib.machinery.ModuleSpec("kernels", None, is_package=True))
+    else:
+        _real = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _real
+        try:
+            _spec.loader.exec_module(_real)
+        except BaseException:
+            del sys.modules["kernels"]
+            raise
 
 _EXPORTS = {
     "target_logprob_fwd": "dapo_kernels.target_logprob",
