@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): set up if needed, then pytest.
-#   scripts/test.sh            default suite (CPU: 495 tests in 24 min on a 2-core AMD EPYC Zen 3, 2026-12-03)
-#   scripts/test.sh --ci       what CI runs (.ci/run): the default suite and the real-model tier
+#   scripts/test.sh            default suite (522 tests)
+#   scripts/test.sh --ci       what CI runs (.ci/run): the default suite, the real-model tier and the SGLang
+#                              tier (sets up .venv-sglang too)
 #   scripts/test.sh --slow     only the slow tests (a slow real-model test imports the model)
 #   scripts/test.sh --sglang   only the tests against a real SGLang server (sets up .venv-sglang first
 #                              with scripts/setup.sh --sglang; ~10 min on 2 cores)
@@ -15,9 +16,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DAPO_VENV:-$ROOT/.venv}"
 MARK=(-m "not slow and not sglang and not real_model")
 case "${1:-}" in
-  --ci) MARK=(-m "not slow and not sglang"); shift ;;
+  --ci) "$ROOT/scripts/setup.sh" --sglang; export DAPO_REQUIRE_SGLANG=1; MARK=(-m "not slow"); shift ;;
   --slow) MARK=(-m "slow and not sglang"); shift ;;
-  --sglang) "$ROOT/scripts/setup.sh" --sglang; MARK=(-m "sglang"); shift ;;
+  --sglang) "$ROOT/scripts/setup.sh" --sglang; export DAPO_REQUIRE_SGLANG=1; MARK=(-m "sglang"); shift ;;
   --real-model) MARK=(-m "real_model and not slow"); shift ;;
   --all) MARK=(); shift ;;
 esac
