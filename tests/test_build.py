@@ -27,11 +27,11 @@ def _from_the_checkout(code, *, site=None):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-c", code, str(root / "kernels")]
+    flags = []
     if site is not None:
-        argv = [sys.executable, "-S", "-c", f"import site; site.addsitedir({str(site)!r})\n" + code,
-                str(root / "kernels")]
-    return subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+        flags, code = ["-S"], f"import site; site.addsitedir({str(site)!r})\n" + code
+    return subprocess.run([sys.executable, *flags, "-c", code, str(root / "kernels")], cwd=root,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_the_kernels_folder_hands_its_name_to_pypi_kernels():
@@ -58,13 +58,12 @@ def test_the_kernels_folder_reads_as_absent_without_pypi_kernels(tmp_path):
     imports and builds a model (an exception there broke ``import transformers`` from the checkout), and
     nothing of dapo_kernels is reachable under that name. The environment without it is this interpreter's
     site-packages less PyPI's kernels and its metadata (a folder of links)."""
+    import os
     import sysconfig
 
     site = tmp_path / "site"
     site.mkdir()
     purelib = sysconfig.get_paths()["purelib"]
-    import os
-
     for name in os.listdir(purelib):
         if name != "kernels" and not name.startswith("kernels-"):
             os.symlink(os.path.join(purelib, name), site / name)
