@@ -33,6 +33,7 @@ loaded CPU it is a steadier measure of the work each variant does than wall time
     python scripts/bench_kernels.py             # CPU shape T=2048 H=896 V=151936 (Qwen2.5-0.5B), fp32+bf16
     python scripts/bench_kernels.py --dtype bfloat16 --mode fwd_bwd --wgrad main_grad   # one case
     python scripts/bench_kernels.py --what chunks --dtype bfloat16   # the fused loss per token chunk vs torch.mm
+    python scripts/bench_kernels.py --what loss --dtype bfloat16 --chunk-mib 256   # another chunk budget
 On a CUDA machine it also runs the paper-scale shapes (T=8192, H=3584/8192, V=152064, TP=1/8:
 TP=8 is simulated on one GPU by its local vocab shard). It always prints an H100 roofline.
 Ends with ``RESULT <name> <value> <unit>`` lines.
@@ -66,6 +67,7 @@ class Case:
     wgrad: str = "main_grad"  # main_grad | returned (fwd_bwd only; see the module docstring)
     warmup: int = 1
     repeats: int = 2
+    chunk_mib: int = 0        # loss_fused: the op's chunk_bytes in MiB (0: its default, CHUNK_BYTES)
 
 
 def _dtype(name: str):
@@ -100,7 +102,8 @@ def run_case(c: Case) -> dict:
 
     def loss_fn(hh, ww, yy):  # the DAPO-loss variants
         if c.variant == "loss_fused":
-            return fused_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, normalizer=1.0).loss
+            return fused_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, normalizer=1.0,
+                                   chunk_bytes=(c.chunk_mib << 20) or None).loss
         if c.variant == "loss_naive":
             return naive_dapo_loss(hh, ww, yy, ref_logp, seg, adv, BETA, 1.0)[0]
         lp = chunked_target_logprob(hh, ww, yy, CHUNK_TOKENS)
@@ -273,17 +276,20 @@ def loss_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_loss(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int) -> dict:
+def compare_loss(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int,
+                 chunk_mib: int = 0) -> dict:
     """DAPO-loss fwd+bwd: naive / chunked / fused (weight gradient into a persistent fp32 main_grad, as under
-    Megatron DDP) and the GEMM floor, variants alternating over ``rounds`` fresh processes, best run each."""
+    Megatron DDP; ``chunk_mib``: the fused op's chunk budget, 0 = its default) and the GEMM floor, variants
+    alternating over ``rounds`` fresh processes, best run each."""
     res: dict[str, list[dict]] = {v: [] for v in ("loss_naive", "loss_chunked", "loss_fused", "gemm_floor")}
     for _ in range(rounds):
         for v in res:
-            res[v].append(spawn(Case(T, H, V, dtype, device, v, "fwd_bwd", "main_grad", warmup, repeats)))
+            res[v].append(spawn(Case(T, H, V, dtype, device, v, "fwd_bwd", "main_grad", warmup, repeats,
+                                     chunk_mib)))
     best = {v: {"time_s": min(r["time_s"] for r in rs), "peak_mib": max(r["peak_mib"] for r in rs)}
             for v, rs in res.items()}
     floor = 3 * best["gemm_floor"]["time_s"]
-    row = {"T": T, "H": H, "V": V, "dtype": dtype, "device": device,
+    row = {"T": T, "H": H, "V": V, "dtype": dtype, "device": device, "chunk_mib": chunk_mib,
            "naive_s": best["loss_naive"]["time_s"], "chunked_s": best["loss_chunked"]["time_s"],
            "fused_s": best["loss_fused"]["time_s"], "floor_s": floor,
            "gemm_gflops": 2.0 * T * H * V / best["gemm_floor"]["time_s"] / 1e9,
@@ -297,10 +303,12 @@ def compare_loss(T: int, H: int, V: int, dtype: str, device: str, warmup: int, r
     return row
 
 
-def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(192, 384, 1024)) -> None:
+def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(192, 384, 1024),
+                  block_v: int | None = None) -> None:
     """Where the fused loss's time goes against the floor: one chunk of ``c`` tokens through the CPU kernels
-    (``fused_loss_logits`` + ``fused_loss_grads`` into an fp32 main_grad) vs ``torch.mm`` on the same chunk,
-    and ``torch.mm`` on all T tokens (the floor's rate); best of 3 after a warm-up, in this process."""
+    (``fused_loss_logits`` alone, and + ``fused_loss_grads`` into an fp32 main_grad; vocab blocks of
+    ``block_v`` rows, default the backend's) vs ``torch.mm`` on the same chunk, and ``torch.mm`` on all T
+    tokens (the floor's rate); best of 3 after a warm-up, in this process."""
     import torch
 
     from dapo_mcore.ops import cpp_backend as be
@@ -314,9 +322,11 @@ def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(
             out = min(out, time.perf_counter() - t0)
         return out
 
-    print("| dtype | chunk tokens | z MiB | torch.mm chunk GFLOP/s | vs full-T rate | fused chunk (ms) | fused / 3 mm(chunk) "
-          "| projected floor fraction |")
-    print("|---|---|---|---|---|---|---|---|")
+    bv = block_v or be.BLOCK_V
+    print(f"(block_v {bv})")
+    print("| dtype | chunk tokens | z MiB | torch.mm chunk GFLOP/s | vs full-T rate | logits (ms) | logits / mm(chunk) "
+          "| fused chunk (ms) | fused / 3 mm(chunk) | projected floor fraction |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dt in dtypes:
         torch.manual_seed(0)
         h = torch.empty(T, H).normal_(0.0, 0.5).to(_dtype(dt))
@@ -327,17 +337,21 @@ def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(
         for c in chunks:
             hc, yc = h[:c].contiguous(), torch.randint(0, V, (c,))
             mm = best(lambda: torch.mm(hc, w.t()))
-            m, s, _, z = be.fused_loss_logits(hc, w, yc, 0)
+            m, s, _, z = be.fused_loss_logits(hc, w, yc, 0, block_v=bv)
             lse, coef, gh = m + s.log(), torch.full((c,), 0.01), torch.empty(c, H)
 
-            def fused() -> None:
-                be.fused_loss_logits(hc, w, yc, 0, workspace=z)
-                be.fused_loss_grads(hc, w, yc, lse, coef, z, 0, gh, main_grad)
+            def logits() -> None:
+                be.fused_loss_logits(hc, w, yc, 0, workspace=z, block_v=bv)
 
-            t = best(fused)
+            def fused() -> None:
+                logits()
+                be.fused_loss_grads(hc, w, yc, lse, coef, z, 0, gh, main_grad, block_v=bv)
+
+            tl, t = best(logits), best(fused)
             frac = 3 * 2.0 * c * H * V / full_rate / t
-            print(f"| {dt} | {c} | {be.fused_loss_bytes_per_token(hc, V) * c / 2**20:.0f} | {2.0 * c * H * V / mm / 1e9:.0f} | "
-                  f"{2.0 * c * H * V / mm / full_rate:.2f} | {t * 1e3:.0f} | {t / (3 * mm):.2f} | {frac:.2f} |", flush=True)
+            print(f"| {dt} | {c} | {be.fused_loss_bytes_per_token(hc, V, bv) * c / 2**20:.0f} | "
+                  f"{2.0 * c * H * V / mm / 1e9:.0f} | {2.0 * c * H * V / mm / full_rate:.2f} | {tl * 1e3:.0f} | "
+                  f"{tl / mm:.2f} | {t * 1e3:.0f} | {t / (3 * mm):.2f} | {frac:.2f} |", flush=True)
             print(f"RESULT cpu_{dt}_chunk{c}_mm_rate_fraction {2.0 * c * H * V / mm / full_rate:.2f} x")
             print(f"RESULT cpu_{dt}_chunk{c}_projected_floor_fraction {frac:.2f} x")
         print(f"({dt}: torch.mm on all {T} tokens {full_rate / 1e9:.0f} GFLOP/s)")
@@ -355,7 +369,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", choices=("all", "logprob", "loss", "chunks"), default="all",
                     help="the log-prob op rows, the DAPO-loss rows, or both (default); chunks: the fused loss's "
                          "kernels on one token chunk of several sizes against torch.mm on the same chunk")
+    ap.add_argument("--chunk-mib", type=int, default=0,
+                    help="DAPO-loss rows: the fused op's chunk budget in MiB (default: the op's, 128 on CPU); "
+                         "its RESULT names then end in _chunk<N>mib")
+    ap.add_argument("--block-v", type=int, default=None,
+                    help="chunks: vocab rows per block of the CPU kernels (default: the backend's BLOCK_V)")
     args = ap.parse_args(argv)
+    if args.chunk_mib < 0 or (args.block_v is not None and args.block_v < 1):
+        ap.error("--chunk-mib must be >= 0 and --block-v >= 1")
     if args.worker:
         print(json.dumps(run_case(Case(**json.loads(args.worker)))))
         return
@@ -363,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     if args.what == "chunks":
-        chunk_profile(("float32", "bfloat16") if args.dtype == "both" else (args.dtype,))
+        chunk_profile(("float32", "bfloat16") if args.dtype == "both" else (args.dtype,), block_v=args.block_v)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
           f"{Path('/proc/loadavg').read_text().split()[:3] if Path('/proc/loadavg').exists() else '?'}", flush=True)
@@ -387,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         for dt in (("float32",) if args.quick else dtypes):
             T = 512 if args.quick else 2048
             loss_rows.append(compare_loss(T, 896, 151936, dt, "cpu", warmup=0 if args.quick else 1, repeats=1,
-                                          rounds=1 if args.quick else 3))
+                                          rounds=1 if args.quick else 3, chunk_mib=args.chunk_mib))
     gpu_rows = []
     if torch.cuda.is_available() and not args.quick:
         for H in (3584, 8192):
@@ -424,10 +445,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"RESULT {name}_peak_mem_ratio_beyond_grad_outputs {r['mem_ratio_excl_grads']:.3f} x")
     for r in loss_rows:
         name = tag + ("" if r["dtype"] == "float32" else f"_{r['dtype']}") + "_fused_loss"
-        print(f"RESULT {name}_fwd_bwd_speedup {r['speedup']:.2f} x")
-        print(f"RESULT {name}_speedup_vs_chunked {r['vs_chunked']:.2f} x")
-        print(f"RESULT {name}_gemm_floor_fraction {r['floor_fraction']:.2f} x")
-        print(f"RESULT {name}_peak_mem_ratio {r['mem_ratio']:.3f} x")
+        sfx = f"_chunk{r['chunk_mib']}mib" if r["chunk_mib"] else ""
+        print(f"RESULT {name}_fwd_bwd_speedup{sfx} {r['speedup']:.2f} x")
+        print(f"RESULT {name}_speedup_vs_chunked{sfx} {r['vs_chunked']:.2f} x")
+        print(f"RESULT {name}_gemm_floor_fraction{sfx} {r['floor_fraction']:.2f} x")
+        print(f"RESULT {name}_peak_mem_ratio{sfx} {r['mem_ratio']:.3f} x")
     for r in gpu_rows:
         if r["mode"] == "fwd_bwd":
             name = f"gpu_T{r['T']}_H{r['H']}_V{r['V']}" + ("" if r["wgrad"] == "main_grad" else "_returned_wgrad")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): set up if needed, then pytest.
-#   scripts/test.sh            default suite (523 tests)
+#   scripts/test.sh            default suite (526 tests)
 #   scripts/test.sh --ci       what CI runs (.ci/run): the default suite, the real-model tier and the SGLang
 #                              tier (sets up .venv-sglang too; 552 tests, .ci/run 28.5 min from a fresh clone
 #                              on a 2-core AMD EPYC Zen 3, 2026-12-04)

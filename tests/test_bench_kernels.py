@@ -19,11 +19,33 @@ def _bench():
     return mod
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_chunk_profile_tiny(dtype, capsys):
-    _bench().chunk_profile((dtype,), T=64, H=32, V=1000, chunks=(16, 32))
+@pytest.mark.parametrize("dtype,block_v", [("float32", None), ("bfloat16", None), ("bfloat16", 128)])
+def test_chunk_profile_tiny(dtype, block_v, capsys):
+    _bench().chunk_profile((dtype,), T=64, H=32, V=1000, chunks=(16, 32), block_v=block_v)
     out = capsys.readouterr().out
+    from dapo_mcore.ops.cpp_backend import BLOCK_V
+
+    assert f"(block_v {block_v or BLOCK_V})" in out
     for c in (16, 32):
         assert f"RESULT cpu_{dtype}_chunk{c}_mm_rate_fraction " in out
         assert f"RESULT cpu_{dtype}_chunk{c}_projected_floor_fraction " in out
     assert out.count(f"| {dtype} |") == 2
+
+
+@pytest.mark.parametrize("chunk_mib", [0, 3])
+def test_loss_case_passes_chunk_budget(chunk_mib, monkeypatch):
+    """--chunk-mib reaches fused_dapo_loss as chunk_bytes (0: None, the op's default)."""
+    import dapo_mcore.ops as ops
+
+    seen, real = [], ops.fused_dapo_loss
+
+    def spy(*a, **k):
+        seen.append(k.get("chunk_bytes"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "fused_dapo_loss", spy)
+    b = _bench()
+    out = b.run_case(b.Case(64, 32, 1000, "float32", "cpu", "loss_fused", "fwd_bwd", "main_grad", 0, 1,
+                            chunk_mib=chunk_mib))
+    assert seen == [(chunk_mib << 20) or None]
+    assert out["case"]["chunk_mib"] == chunk_mib and out["time_s"] > 0
