@@ -2,8 +2,8 @@
 # The project's test command (README, .ci/run): set up if needed, then pytest.
 #   scripts/test.sh            default suite (526 tests)
 #   scripts/test.sh --ci       what CI runs (.ci/run): the default suite, the real-model tier and the SGLang
-#                              tier (sets up .venv-sglang too; 552 tests, .ci/run 28.5 min from a fresh clone
-#                              on a 2-core AMD EPYC Zen 3, 2026-12-04)
+#                              tier (sets up .venv-sglang too; 555 tests, .ci/run 26-29 min from a fresh clone
+#                              on a 2-core Intel Xeon, family 6 model 207, 2026-12-07)
 #   scripts/test.sh --slow     only the slow tests (a slow real-model test imports the model)
 #   scripts/test.sh --sglang   only the tests against a real SGLang server (sets up .venv-sglang first
 #                              with scripts/setup.sh --sglang; ~10 min on 2 cores)
