@@ -4,7 +4,8 @@
 #   scripts/test.sh --ci       what CI runs (.ci/run): the default suite, the real-model tier and the SGLang
 #                              tier (sets up .venv-sglang too; 555 tests, .ci/run 26-29 min from a fresh clone
 #                              on a 2-core Intel Xeon, family 6 model 207, 2026-12-07)
-#   scripts/test.sh --slow     only the slow tests (a slow real-model test imports the model)
+#   scripts/test.sh --slow     only the slow tests (a slow real-model test imports the model; 30 tests, 11:53 on
+#                              an idle 2-core Intel Xeon, 2026-12-07)
 #   scripts/test.sh --sglang   only the tests against a real SGLang server (sets up .venv-sglang first
 #                              with scripts/setup.sh --sglang; ~10 min on 2 cores)
 #   scripts/test.sh --real-model  only the (not slow) tests on the real SmolLM2-135M-Instruct (imports it on

@@ -5,8 +5,9 @@ both nodes (DP=2). A two-iteration run whose head is SIGKILLed (with its torchru
 in the middle of iteration 0's critic training, then resumed, equals the uninterrupted run: the same stage
 digests, bit-identical critic (the interrupted unit) and final actor tensors, the same eval figures.
 
-Slow tier (``scripts/test.sh --slow``): 15 to 30 minutes on 2 cores shared with other work (1783 s measured on a
-busy machine, ~900 s on a less loaded one: two whole two-iteration runs plus the resume, 12 torchrun jobs)."""
+Slow tier (``scripts/test.sh --slow``): 4 to 30 minutes on 2 cores (1783 s measured on a busy machine, ~900 s
+on a less loaded one, 222 s on an idle 2-core Intel Xeon on 2026-12-07: two whole two-iteration runs plus the
+resume, 12 torchrun jobs)."""
 from __future__ import annotations
 
 import json
