@@ -34,6 +34,7 @@ loaded CPU it is a steadier measure of the work each variant does than wall time
     python scripts/bench_kernels.py --dtype bfloat16 --mode fwd_bwd --wgrad main_grad   # one case
     python scripts/bench_kernels.py --what chunks --dtype bfloat16   # the fused loss per token chunk vs torch.mm
     python scripts/bench_kernels.py --what loss --dtype bfloat16 --chunk-mib 256   # another chunk budget
+    python scripts/bench_kernels.py --what loss --dtype bfloat16 --block-v 256     # another CPU vocab block
 On a CUDA machine it also runs the paper-scale shapes (T=8192, H=3584/8192, V=152064, TP=1/8:
 TP=8 is simulated on one GPU by its local vocab shard). It always prints an H100 roofline.
 Ends with ``RESULT <name> <value> <unit>`` lines.
@@ -68,6 +69,7 @@ class Case:
     warmup: int = 1
     repeats: int = 2
     chunk_mib: int = 0        # loss_fused: the op's chunk_bytes in MiB (0: its default, CHUNK_BYTES)
+    block_v: int = 0          # loss_fused on CPU: vocab rows per block of the C++ kernels (0: cpp_backend.LOSS_BLOCK_V)
 
 
 def _dtype(name: str):
@@ -82,7 +84,22 @@ BETA = 0.02
 
 
 def run_case(c: Case) -> dict:
-    """Run one case in this process; returns times (s) and peak memory (MiB)."""
+    """Run one case in this process; returns times (s) and peak memory (MiB). ``c.block_v`` (loss_fused on
+    CPU) replaces the C++ backend's default vocab block for the duration of the case (the op has no block
+    argument: its chunk budget and both kernels read ``cpp_backend.LOSS_BLOCK_V``)."""
+    from dapo_mcore.ops import cpp_backend
+
+    if c.block_v and not (c.variant == "loss_fused" and c.device == "cpu"):
+        raise ValueError(f"block_v applies to the CPU loss_fused variant only, not {c.variant} on {c.device}")
+    saved = cpp_backend.LOSS_BLOCK_V
+    cpp_backend.LOSS_BLOCK_V = c.block_v or saved
+    try:
+        return _run_case(c)
+    finally:
+        cpp_backend.LOSS_BLOCK_V = saved
+
+
+def _run_case(c: Case) -> dict:
     import torch
 
     from dapo_mcore.ops import fused_dapo_loss, fused_target_logprob
@@ -277,19 +294,20 @@ def loss_table(rows: list[dict]) -> str:
 
 
 def compare_loss(T: int, H: int, V: int, dtype: str, device: str, warmup: int, repeats: int, rounds: int,
-                 chunk_mib: int = 0) -> dict:
+                 chunk_mib: int = 0, block_v: int = 0) -> dict:
     """DAPO-loss fwd+bwd: naive / chunked / fused (weight gradient into a persistent fp32 main_grad, as under
-    Megatron DDP; ``chunk_mib``: the fused op's chunk budget, 0 = its default) and the GEMM floor, variants
-    alternating over ``rounds`` fresh processes, best run each."""
+    Megatron DDP; ``chunk_mib``: the fused op's chunk budget, 0 = its default; ``block_v``: its CPU vocab
+    block, 0 = the backend's) and the GEMM floor, variants alternating over ``rounds`` fresh processes, best
+    run each."""
     res: dict[str, list[dict]] = {v: [] for v in ("loss_naive", "loss_chunked", "loss_fused", "gemm_floor")}
     for _ in range(rounds):
         for v in res:
             res[v].append(spawn(Case(T, H, V, dtype, device, v, "fwd_bwd", "main_grad", warmup, repeats,
-                                     chunk_mib)))
+                                     chunk_mib, block_v if v == "loss_fused" else 0)))
     best = {v: {"time_s": min(r["time_s"] for r in rs), "peak_mib": max(r["peak_mib"] for r in rs)}
             for v, rs in res.items()}
     floor = 3 * best["gemm_floor"]["time_s"]
-    row = {"T": T, "H": H, "V": V, "dtype": dtype, "device": device, "chunk_mib": chunk_mib,
+    row = {"T": T, "H": H, "V": V, "dtype": dtype, "device": device, "chunk_mib": chunk_mib, "block_v": block_v,
            "naive_s": best["loss_naive"]["time_s"], "chunked_s": best["loss_chunked"]["time_s"],
            "fused_s": best["loss_fused"]["time_s"], "floor_s": floor,
            "gemm_gflops": 2.0 * T * H * V / best["gemm_floor"]["time_s"] / 1e9,
@@ -322,7 +340,7 @@ def chunk_profile(dtypes, T: int = 2048, H: int = 896, V: int = 151936, chunks=(
             out = min(out, time.perf_counter() - t0)
         return out
 
-    bv = block_v or be.BLOCK_V
+    bv = block_v or be.LOSS_BLOCK_V
     print(f"(block_v {bv})")
     print("| dtype | chunk tokens | z MiB | torch.mm chunk GFLOP/s | vs full-T rate | logits (ms) | logits / mm(chunk) "
           "| fused chunk (ms) | fused / 3 mm(chunk) | projected floor fraction |")
@@ -373,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="DAPO-loss rows: the fused op's chunk budget in MiB (default: the op's, 128 on CPU); "
                          "its RESULT names then end in _chunk<N>mib")
     ap.add_argument("--block-v", type=int, default=None,
-                    help="chunks: vocab rows per block of the CPU kernels (default: the backend's BLOCK_V)")
+                    help="chunks and the DAPO-loss rows: vocab rows per block of the fused loss's CPU kernels "
+                         "(default: the backend's LOSS_BLOCK_V); the loss rows' RESULT names then end in _blockv<N>")
     args = ap.parse_args(argv)
     if args.chunk_mib < 0 or (args.block_v is not None and args.block_v < 1):
         ap.error("--chunk-mib must be >= 0 and --block-v >= 1")
@@ -408,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         for dt in (("float32",) if args.quick else dtypes):
             T = 512 if args.quick else 2048
             loss_rows.append(compare_loss(T, 896, 151936, dt, "cpu", warmup=0 if args.quick else 1, repeats=1,
-                                          rounds=1 if args.quick else 3, chunk_mib=args.chunk_mib))
+                                          rounds=1 if args.quick else 3, chunk_mib=args.chunk_mib,
+                                          block_v=args.block_v or 0))
     gpu_rows = []
     if torch.cuda.is_available() and not args.quick:
         for H in (3584, 8192):
@@ -446,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in loss_rows:
         name = tag + ("" if r["dtype"] == "float32" else f"_{r['dtype']}") + "_fused_loss"
         sfx = f"_chunk{r['chunk_mib']}mib" if r["chunk_mib"] else ""
+        sfx += f"_blockv{r['block_v']}" if r["block_v"] else ""
         print(f"RESULT {name}_fwd_bwd_speedup{sfx} {r['speedup']:.2f} x")
         print(f"RESULT {name}_speedup_vs_chunked{sfx} {r['vs_chunked']:.2f} x")
         print(f"RESULT {name}_gemm_floor_fraction{sfx} {r['floor_fraction']:.2f} x")

@@ -329,7 +329,11 @@ def test_bf16_gemm_engines_agree(engine, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got_engine, bytes_per_token = proc.stdout.split()[:2]
     assert got_engine in ({"panel": "amx", "avx512": "avx512_bf16", "none": "none"}[engine], "none")
-    # Workspace per token at V = 301 (one 512-row vocab block): the panel path keeps exp(z - block max) in
-    # bf16 plus one fp32 block max, (512 / 2 + 1) * 4 bytes; the upcast path fp32 logits, 512 * 4.
-    assert float(bytes_per_token) == (1028.0 if got_engine != "none" else 2048.0)
+    # Workspace per token at V = 301 (nb = ceil(301 / LOSS_BLOCK_V) vocab blocks of bv rows): the panel path
+    # keeps exp(z - block max) in bf16 plus one fp32 max per block, nb * (bv / 2 + 1) * 4 bytes; the upcast
+    # path fp32 logits, nb * bv * 4 (bv = 128: 780 and 1536).
+    from dapo_mcore.ops.cpp_backend import LOSS_BLOCK_V as bv
+
+    nb = -(-301 // bv)
+    assert float(bytes_per_token) == (nb * (bv // 2 + 1) * 4.0 if got_engine != "none" else nb * bv * 4.0)
 

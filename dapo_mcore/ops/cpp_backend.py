@@ -8,6 +8,11 @@ from dapo_mcore import _C
 
 BLOCK_T = 256  # tokens per tile: the [BLOCK_T, BLOCK_V] fp32 logits tile (512 KiB) stays in L2
 BLOCK_V = 512  # vocab rows per chunk (threads take whole chunks)
+# The fused loss's vocab block (csrc/fused_dapo_loss.cpp, panel and blocked paths; the flat path ignores it):
+# a thread's fp32 logits tile [128, ~440 tokens] (220 KiB) and its W block (224 KiB bf16) sit well inside a
+# 1 MiB L2. Measured on Zen 5 (docs/kernels.md): bf16 fused loss 2.7-2.8 s at 128 vs 3.0 s at 256 and
+# 3.2-3.8 s at 512; flat on Zen 4 (128-1024).
+LOSS_BLOCK_V = 128
 
 
 def target_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
@@ -38,15 +43,16 @@ def dapo_loss_bwd(grad_loss: torch.Tensor, log_ratio: torch.Tensor, segment_ids:
 
 def fused_loss_bytes_per_token(hidden: torch.Tensor, V_local: int, block_v: int | None = None) -> float:
     """Workspace bytes per token of :func:`fused_loss_logits` for ``hidden``'s dtype and width (the chunk
-    budget's unit): ~4·V for fp32 logits, ~2·V on the bf16 panel path (``csrc/fused_dapo_loss.cpp``)."""
+    budget's unit): ~4·V for fp32 logits, ~2·V on the bf16 panel path (``csrc/fused_dapo_loss.cpp``);
+    ``block_v`` default ``LOSS_BLOCK_V``, as for the two kernels below."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return _C.load().fused_loss_z_numel(hidden, 1024, V_local, block_v or BLOCK_V) * acc.itemsize / 1024
+    return _C.load().fused_loss_z_numel(hidden, 1024, V_local, block_v or LOSS_BLOCK_V) * acc.itemsize / 1024
 
 
 def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                       workspace: torch.Tensor | None = None, block_t: int | None = None, block_v: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    bv = block_v or BLOCK_V
+    bv = block_v or LOSS_BLOCK_V
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     need = _C.load().fused_loss_z_numel(hidden, hidden.shape[0], weight.shape[0], bv)
     if workspace is not None and workspace.dtype == acc and workspace.numel() >= need:
@@ -60,7 +66,7 @@ def fused_loss_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 def fused_loss_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                      coef: torch.Tensor, z: torch.Tensor, vocab_start: int, grad_hidden: torch.Tensor | None,
                      grad_weight: torch.Tensor | None, block_t: int | None = None, block_v: int | None = None) -> None:
-    _C.load().fused_loss_grads(hidden, weight, targets.long(), lse, coef, z, vocab_start, block_v or BLOCK_V,
+    _C.load().fused_loss_grads(hidden, weight, targets.long(), lse, coef, z, vocab_start, block_v or LOSS_BLOCK_V,
                                grad_hidden, grad_weight)
 
 
