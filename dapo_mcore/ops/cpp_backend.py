@@ -9,8 +9,8 @@ from dapo_mcore import _C
 BLOCK_T = 256  # tokens per tile: the [BLOCK_T, BLOCK_V] fp32 logits tile (512 KiB) stays in L2
 BLOCK_V = 512  # vocab rows per chunk (threads take whole chunks)
 # The fused loss's vocab block (csrc/fused_dapo_loss.cpp, panel and blocked paths; the flat path ignores it):
-# a thread's fp32 logits tile [128, ~440 tokens] (220 KiB) and its W block (224 KiB bf16) sit well inside a
-# 1 MiB L2. Measured on Zen 5 (docs/kernels.md): bf16 fused loss 2.7-2.8 s at 128 vs 3.0 s at 256 and
+# a thread's fp32 logits tile [128, ~440 tokens] (220 KiB) and its bf16 W block (224 KiB at H = 896) sit well
+# inside a 1 MiB L2. Measured on Zen 5 (docs/kernels.md): bf16 fused loss 2.7-2.8 s at 128 vs 3.0 s at 256 and
 # 3.2-3.8 s at 512; flat on Zen 4 (128-1024).
 LOSS_BLOCK_V = 128
 
