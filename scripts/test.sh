@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): set up if needed, then pytest.
-#   scripts/test.sh            default suite (526 tests)
+#   scripts/test.sh            default suite (528 tests)
 #   scripts/test.sh --ci       what CI runs (.ci/run): the default suite, the real-model tier and the SGLang
-#                              tier (sets up .venv-sglang too; 555 tests, .ci/run 26-29 min from a fresh clone
-#                              on a 2-core Intel Xeon, family 6 model 207, 2026-12-07)
+#                              tier (sets up .venv-sglang too; 557 tests, .ci/run 26-29 min from a fresh clone
+#                              on a 2-core Intel Xeon, family 6 model 207, 2026-12-07; 30 min on a 2-core AMD
+#                              EPYC Zen 5, 2026-12-08)
 #   scripts/test.sh --slow     only the slow tests (a slow real-model test imports the model; 30 tests, 11:53 on
 #                              an idle 2-core Intel Xeon, 2026-12-07)
 #   scripts/test.sh --sglang   only the tests against a real SGLang server (sets up .venv-sglang first
